@@ -1,0 +1,30 @@
+# Two commands do all set-up on a fresh machine with Python 3.11:
+#   make demo   -- creates .venv if missing, then runs the main job
+#   make test   -- creates .venv if missing, then runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-gpu clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m kernels
+
+test: install
+	$(PY) -m pytest -n auto --durations=15 $(PYTEST_ARGS)
+
+# On a machine with a CUDA GPU: only the gpu-marked tests.
+test-gpu: install
+	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

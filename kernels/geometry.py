@@ -1,0 +1,178 @@
+"""Window geometry of (dilated, causal) neighborhood attention, written once.
+
+Everything that needs to know *which* keys a query attends to -- the reference op, the Triton
+kernels (forward and the inverse-neighbourhood backward), the FLOP counter, the models' padding
+rule -- reads it from here. The rules are NATTEN's (verified against NATTEN 0.21.7), per axis of
+length ``L`` with kernel size ``k`` and dilation ``d``:
+
+* Dilation splits the axis into ``d`` interleaved sub-grids. Query ``i`` belongs to group
+  ``g = i % d`` and has sub-grid coordinate ``i' = i // d``; the group's sub-grid holds
+  ``L_g = ceil((L - g) / d)`` tokens. Attention never crosses groups.
+* Non-causal: ``start' = max(i' - wl, 0) + (i' + wr >= L_g) * (L_g - wr - i' - 1)`` with
+  ``wl = k // 2`` and ``wr = k // 2 + k % 2 - 1``; the window ``[start', start' + k)`` is shifted
+  inward at the borders, so every query has exactly ``k`` neighbours.
+* Causal: ``start' = max(i' - k + 1, 0)``; slot ``t`` holds ``j' = start' + t`` and is valid iff
+  ``j' <= i'`` (queries near the start have fewer than ``k`` neighbours).
+* Sub-grid neighbour ``j'`` is token ``j = j' * d + g``; its relative-position-bias index is
+  ``j' - i' + k - 1`` in ``[0, 2k - 2]``.
+
+The multi-axis window is the Cartesian product of the per-axis windows, flattened row-major
+(axis 0 slowest), which is the order of the last dimension of the QK logits.
+
+Along one axis, the queries whose windows contain a key ``j`` form a contiguous run of the key's
+sub-grid (``start'`` is non-decreasing in ``i'`` with steps of 0 or 1); ``AxisTables`` stores that
+run as ``inverse_start``/``inverse_count`` so backward kernels can gather over it without atomics.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+__all__ = [
+    "NAParams",
+    "AxisTables",
+    "axis_window",
+    "axis_tables",
+    "max_inverse_count",
+    "neighborhood",
+    "rpb_shape",
+]
+
+
+@dataclass(frozen=True)
+class NAParams:
+    """Per-axis neighborhood-attention parameters, already validated and normalized to tuples."""
+
+    kernel_size: tuple[int, ...]
+    dilation: tuple[int, ...]
+    is_causal: tuple[bool, ...]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.kernel_size)
+
+    @property
+    def num_neighbors(self) -> int:
+        """Slots per query, ``prod(kernel_size)`` (causal queries may use fewer of them)."""
+        return math.prod(self.kernel_size)
+
+    @property
+    def any_causal(self) -> bool:
+        return any(self.is_causal)
+
+
+def rpb_shape(num_heads: int, kernel_size: Sequence[int]) -> tuple[int, ...]:
+    """Shape of the relative position bias: ``[heads, 2*k1-1, ...]``."""
+    return (num_heads, *(2 * k - 1 for k in kernel_size))
+
+
+def _window_start_subgrid(ip: torch.Tensor, length_g: torch.Tensor, k: int, causal: bool) -> torch.Tensor:
+    """First neighbour of sub-grid query ``ip`` inside a sub-grid of ``length_g`` tokens."""
+    if causal:
+        return torch.clamp(ip - k + 1, min=0)
+    wl = k // 2
+    wr = k // 2 + k % 2 - 1
+    return torch.clamp(ip - wl, min=0) + (ip + wr >= length_g).long() * (length_g - wr - ip - 1)
+
+
+@functools.lru_cache(maxsize=256)
+def _axis_window_cpu(length: int, k: int, d: int, causal: bool):
+    i = torch.arange(length)
+    g = i % d
+    ip = i // d
+    length_g = (length - g + d - 1) // d
+    start = _window_start_subgrid(ip, length_g, k, causal)
+    jp = start[:, None] + torch.arange(k)[None, :]  # [L, k] sub-grid coordinates
+    valid = jp <= ip[:, None] if causal else torch.ones(length, k, dtype=torch.bool)
+    neighbors = jp * d + g[:, None]
+    rpb_index = jp - ip[:, None] + k - 1
+    return neighbors, valid, rpb_index, start * d + g
+
+
+def axis_window(length: int, kernel_size: int, dilation: int, is_causal: bool, device=None):
+    """Neighbours of every query along one axis.
+
+    Returns ``(neighbors, valid, rpb_index)``, each ``[length, kernel_size]``: the token index of
+    slot ``t`` of query ``i`` (always inside ``[0, length)``, also for invalid causal slots), whether
+    that slot takes part, and its relative-position-bias index.
+    """
+    neighbors, valid, rpb_index, _ = _axis_window_cpu(length, kernel_size, dilation, bool(is_causal))
+    return neighbors.to(device), valid.to(device), rpb_index.to(device)
+
+
+def max_inverse_count(kernel_size: int, is_causal: bool) -> int:
+    """Most queries along one axis whose windows contain one key."""
+    if is_causal:
+        return kernel_size
+    # Windows start at 0 for the k//2 + 1 first queries, at L_g - k for the last (k+1)//2 and once
+    # each in between; a key sees at most k distinct starts, so short sub-grids reach
+    # (k//2 + 1) + (k - 2) + ((k+1)//2) = 2k - 1.
+    return 2 * kernel_size - 1
+
+
+@dataclass(frozen=True)
+class AxisTables:
+    """Small int32 tables a kernel loads instead of re-deriving the window rule.
+
+    ``window_start[i]``: token index of slot 0 of query ``i`` (slot ``t`` is ``start + t*d``).
+    ``inverse_start[j]``/``inverse_count[j]``: the queries whose windows contain key ``j`` are
+    ``inverse_start[j] + s*d`` for ``s < inverse_count[j]``.
+    """
+
+    window_start: torch.Tensor
+    inverse_start: torch.Tensor
+    inverse_count: torch.Tensor
+
+
+@functools.lru_cache(maxsize=256)
+def _axis_tables_cpu(length: int, k: int, d: int, causal: bool) -> AxisTables:
+    neighbors, valid, _, window_start = _axis_window_cpu(length, k, d, causal)
+    member = torch.zeros(length, length, dtype=torch.bool)  # member[j, i]: i attends to j
+    rows = neighbors[valid]
+    cols = torch.arange(length)[:, None].expand(length, k)[valid]
+    member[rows, cols] = True
+    count = member.sum(1)
+    first = torch.where(count > 0, member.float().argmax(1), torch.arange(length))
+    return AxisTables(window_start.int(), first.int(), count.int())
+
+
+def axis_tables(length: int, kernel_size: int, dilation: int, is_causal: bool, device=None) -> AxisTables:
+    t = _axis_tables_cpu(length, kernel_size, dilation, bool(is_causal))
+    if device is None or torch.device(device).type == "cpu":
+        return t
+    return AxisTables(*(x.to(device, non_blocking=True) for x in (t.window_start, t.inverse_start, t.inverse_count)))
+
+
+def neighborhood(spatial: Sequence[int], params: NAParams, device=None):
+    """Flattened neighbourhood of every query of an n-D map.
+
+    Returns ``(index, valid, rpb_index)``, each ``[N, K]`` with ``N = prod(spatial)`` and
+    ``K = prod(kernel_size)``: flat token index of every slot (row-major over the map), whether it
+    takes part (``None`` when every slot does), and the flat index into ``rpb.view(heads, -1)``.
+    """
+    n = len(spatial)
+    index = valid = rpb_index = None
+    for axis, (length, k, d, causal) in enumerate(zip(spatial, params.kernel_size, params.dilation, params.is_causal)):
+        nb, va, rp = axis_window(length, k, d, causal, device)
+        # Broadcast axis `axis` to shape [1,..,L,..,1, 1,..,k,..,1] (queries first, then slots).
+        shape = [1] * (2 * n)
+        shape[axis] = length
+        shape[n + axis] = k
+        nb, va, rp = nb.view(shape), va.view(shape), rp.view(shape)
+        if index is None:
+            index, valid, rpb_index = nb, va, rp
+        else:
+            index = index * length + nb
+            valid = valid & va
+            rpb_index = rpb_index * (2 * k - 1) + rp
+    N, K = math.prod(spatial), params.num_neighbors
+    full = tuple(spatial) + tuple(params.kernel_size)
+    index = index.expand(full).reshape(N, K)
+    rpb_index = rpb_index.expand(full).reshape(N, K)
+    valid = valid.expand(full).reshape(N, K) if params.any_causal else None
+    return index, valid, rpb_index
