@@ -1,0 +1,15 @@
+"""DiNAT / NAT model family as timm models: ``import models`` registers every variant.
+
+``timm.create_model("dinat_mini", num_classes=10)`` etc.; see docs/models.md.
+"""
+
+from . import dinat  # noqa: F401  (registers the models)
+from ._checkpoint import checkpoint_filter_fn, convert_hf_state_dict, interpolate_rpb, load_checkpoint
+from .dinat import DiNAT, HierarchicalNAT
+from .layers import GlobalAttentionRPB, NATLayer, NeighborhoodAttention2d
+
+__all__ = [
+    "DiNAT", "HierarchicalNAT",
+    "NeighborhoodAttention2d", "GlobalAttentionRPB", "NATLayer",
+    "checkpoint_filter_fn", "convert_hf_state_dict", "interpolate_rpb", "load_checkpoint",
+]

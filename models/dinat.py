@@ -1,0 +1,419 @@
+"""NAT and DiNAT: hierarchical (dilated) neighborhood attention transformers.
+
+Architecture and state-dict key names follow the authors' code (SHI-Labs/Neighborhood-Attention-
+Transformer, classification/nat.py and dinat.py), so their checkpoints load without remapping;
+Hugging Face ``DinatForImageClassification`` / ``NatForImageClassification`` checkpoints are
+converted by ``checkpoint_filter_fn``.
+
+Papers: NAT https://arxiv.org/abs/2204.07143, DiNAT https://arxiv.org/abs/2209.15001.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from ._checkpoint import CheckpointFormatMixin, checkpoint_filter_fn
+from .layers import NATLayer, check_dilations, init_weights, per_level
+
+__all__ = ["ConvTokenizer", "ConvDownsampler", "NATLevel", "HierarchicalNAT", "DiNAT", "checkpoint_filter_fn"]
+
+
+class ConvTokenizer(nn.Module):
+    """Two overlapping 3x3 stride-2 convolutions (no activation between) -> channels-last -> norm."""
+
+    def __init__(self, in_chans: int = 3, embed_dim: int = 64, norm_layer=nn.LayerNorm):
+        super().__init__()
+        self.proj = nn.Sequential(
+            nn.Conv2d(in_chans, embed_dim // 2, kernel_size=3, stride=2, padding=1),
+            nn.Conv2d(embed_dim // 2, embed_dim, kernel_size=3, stride=2, padding=1),
+        )
+        self.norm = norm_layer(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class ConvDownsampler(nn.Module):
+    """Overlapping 3x3 stride-2 convolution doubling the channels, then norm (channels-last in/out)."""
+
+    def __init__(self, dim: int, norm_layer=nn.LayerNorm):
+        super().__init__()
+        self.reduction = nn.Conv2d(dim, 2 * dim, kernel_size=3, stride=2, padding=1, bias=False)
+        self.norm = norm_layer(2 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.reduction(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+class NATLevel(nn.Module):
+    """One resolution level: ``blocks`` (NA transformer layers), then an optional ``downsample``."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, kernel_size: int, dilations: Sequence[int],
+                 downsample: Optional[nn.Module], mlp_ratio: float, qkv_bias: bool, drop: float, attn_drop: float,
+                 drop_path: Sequence[float], layer_scale: Optional[float], norm_layer, na_backend: str):
+        super().__init__()
+        self.grad_checkpointing = False
+        self.blocks = nn.Sequential(*[
+            NATLayer(dim, num_heads, kernel_size, dilations[i], mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop,
+                     attn_drop=attn_drop, drop_path=drop_path[i], layer_scale=layer_scale, norm_layer=norm_layer,
+                     na_backend=na_backend)
+            for i in range(depth)
+        ])
+        self.downsample = downsample
+
+    def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_blocks(x)
+        return x if self.downsample is None else self.downsample(x)
+
+
+class HierarchicalNAT(CheckpointFormatMixin, nn.Module):
+    """Four-level NA transformer; subclasses choose the stem, the downsampler and the level container name.
+
+    Features stay channels-last (NHWC) throughout; ``forward_features`` returns the normed last map.
+    """
+
+    levels_attr = "levels"  # state-dict name of the level list in the authors' code
+    default_mlp_ratio = 3.0
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            embed_dim: int = 64,
+            depths: Sequence[int] = (3, 4, 6, 5),
+            num_heads: Sequence[int] = (2, 4, 8, 16),
+            kernel_size: Union[int, Sequence[int]] = 7,
+            dilations: Optional[Sequence[Sequence[int]]] = None,
+            mlp_ratio: Optional[float] = None,
+            qkv_bias: bool = True,
+            drop_rate: float = 0.0,
+            attn_drop_rate: float = 0.0,
+            drop_path_rate: float = 0.2,
+            layer_scale: Optional[float] = None,
+            global_pool: str = "avg",
+            na_backend: str = "auto",
+            norm_layer=nn.LayerNorm,
+    ):
+        super().__init__()
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '' (no pooling); got {global_pool!r}")
+        depths = tuple(depths)
+        num_levels = len(depths)
+        if num_levels < 1 or any(d < 1 for d in depths):
+            raise ValueError(f"depths must be a non-empty sequence of ints >= 1; got {depths!r}")
+        num_heads = per_level("num_heads", num_heads, num_levels)
+        kernel_sizes = per_level("kernel_size", kernel_size, num_levels)
+        dilations = check_dilations(dilations, depths)
+        mlp_ratio = self.default_mlp_ratio if mlp_ratio is None else mlp_ratio
+
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.drop_rate = drop_rate
+        self.embed_dim = embed_dim
+        self.depths = depths
+        self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (num_levels - 1))
+        self.output_fmt = "NHWC"
+        self.grad_checkpointing = False
+
+        self.patch_embed = self._make_stem(in_chans, embed_dim, norm_layer)
+        self.pos_drop = nn.Dropout(p=drop_rate)
+        # Stochastic depth rises linearly from 0 to drop_path_rate over all blocks.
+        dpr = [r.tolist() for r in torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(depths)]
+        levels = []
+        self.feature_info = []
+        reduction = self.stem_reduction
+        for i in range(num_levels):
+            dim = int(embed_dim * 2 ** i)
+            levels.append(NATLevel(
+                dim, depths[i], num_heads[i], kernel_sizes[i], dilations[i],
+                downsample=self._make_downsample(dim, norm_layer) if i < num_levels - 1 else None,
+                mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
+                drop_path=dpr[i], layer_scale=layer_scale, norm_layer=norm_layer, na_backend=na_backend,
+            ))
+            self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f"{self.levels_attr}.{i}"))
+            reduction *= 2
+        setattr(self, self.levels_attr, nn.ModuleList(levels))
+        self.norm = norm_layer(self.num_features)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(init_weights)
+
+    # --- construction hooks -------------------------------------------------------------------
+    stem_reduction = 4
+
+    def _make_stem(self, in_chans, embed_dim, norm_layer) -> nn.Module:
+        return ConvTokenizer(in_chans, embed_dim, norm_layer)
+
+    def _make_downsample(self, dim, norm_layer) -> nn.Module:
+        return ConvDownsampler(dim, norm_layer)
+
+    def _levels(self) -> nn.ModuleList:
+        return getattr(self, self.levels_attr)
+
+    # --- timm model interface -----------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {name for name, _ in self.named_parameters() if name.endswith("rpb")}
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self) -> set:
+        return {"rpb"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        name = self.levels_attr
+        return dict(
+            stem=r"^patch_embed",
+            blocks=rf"^{name}\.(\d+)" if coarse else [
+                (rf"^{name}\.(\d+)\.downsample", (99999,)),  # ends its level: joins the last block's group
+                (rf"^{name}\.(\d+)\.blocks\.(\d+)", None),
+                (r"^norm", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for level in self._levels():
+            level.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or ''; got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Level outputs (before each downsampler) as NCHW (default) or NHWC maps.
+
+        ``indices``: last n levels if an int, all if None, else those listed. ``norm`` applies the
+        final norm to the last level's map (the only one it is sized for).
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC'; got {output_fmt!r}")
+        levels = self._levels()
+        take_indices, max_index = feature_take_indices(len(levels), indices)
+        intermediates = []
+        x = self.pos_drop(self.patch_embed(x))
+        last = len(levels) - 1
+        run = levels if torch.jit.is_scripting() or not stop_early else levels[:max_index + 1]
+        for i, level in enumerate(run):
+            x = level.forward_blocks(x)
+            if i in take_indices:
+                x_inter = self.norm(x) if norm and i == last else x
+                intermediates.append(x_inter.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else x_inter)
+            if level.downsample is not None and (i < last):
+                x = level.downsample(x)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the levels (and norm/head) that the requested intermediates do not need."""
+        levels = self._levels()
+        take_indices, max_index = feature_take_indices(len(levels), indices)
+        kept = levels[:max_index + 1]
+        kept[-1].downsample = None  # nothing consumes its output any more
+        setattr(self, self.levels_attr, kept)
+        self.feature_info = self.feature_info[:max_index + 1]
+        if prune_norm or max_index < len(levels) - 1:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pos_drop(self.patch_embed(x))
+        for level in self._levels():
+            x = level(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class DiNAT(HierarchicalNAT):
+    """NAT / DiNAT (NAT is DiNAT with every dilation 1): conv tokenizer, conv downsamplers."""
+
+
+def _create_dinat(variant: str, pretrained: bool = False, **kwargs) -> DiNAT:
+    interpolate_rpb = kwargs.pop("interpolate_rpb", False)
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    return build_model_with_cfg(
+        DiNAT, variant, pretrained,
+        pretrained_filter_fn=partial(checkpoint_filter_fn, interpolate_rpb=interpolate_rpb),
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+        **kwargs,
+    )
+
+
+def _cfg(url: str = "", hf: str = "", **kwargs) -> dict:
+    return {
+        "url": url,
+        "hf_hub_id": hf or None,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "fixed_input_size": False,
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj.0",
+        "classifier": "head",
+        "license": "mit",
+        "origin_url": "https://github.com/SHI-Labs/Neighborhood-Attention-Transformer",
+        **kwargs,
+    }
+
+
+_DINAT_URL = "https://shilab.cs.uoregon.edu/projects/dinat/checkpoints/imagenet1k/"
+_NAT_URL = "https://shilab.cs.uoregon.edu/projects/nat/checkpoints/CLS/"
+_DINAT_PAPER = dict(paper_ids="arXiv:2209.15001", paper_name="Dilated Neighborhood Attention Transformer")
+_NAT_PAPER = dict(paper_ids="arXiv:2204.07143", paper_name="Neighborhood Attention Transformer")
+
+# Published ImageNet-1k top-1 (and GMACs at the cfg's input size), recorded as notes.
+default_cfgs = generate_default_cfgs({
+    "nat_mini.in1k": _cfg(_NAT_URL + "nat_mini.pth", "shi-labs/nat-mini-in1k-224", crop_pct=0.875,
+                          notes=("top-1 81.8", "2.7 GMACs"), **_NAT_PAPER),
+    "nat_tiny.in1k": _cfg(_NAT_URL + "nat_tiny.pth", "shi-labs/nat-tiny-in1k-224", crop_pct=0.875,
+                          notes=("top-1 83.2", "4.3 GMACs"), **_NAT_PAPER),
+    "nat_small.in1k": _cfg(_NAT_URL + "nat_small.pth", "shi-labs/nat-small-in1k-224", crop_pct=0.875,
+                           notes=("top-1 83.7", "7.8 GMACs"), **_NAT_PAPER),
+    "nat_base.in1k": _cfg(_NAT_URL + "nat_base.pth", "shi-labs/nat-base-in1k-224", crop_pct=0.875,
+                          notes=("top-1 84.3", "13.7 GMACs"), **_NAT_PAPER),
+    "dinat_mini.in1k": _cfg(_DINAT_URL + "dinat_mini_in1k_224.pth", "shi-labs/dinat-mini-in1k-224",
+                            notes=("top-1 81.8", "2.7 GMACs"), **_DINAT_PAPER),
+    "dinat_tiny.in1k": _cfg(_DINAT_URL + "dinat_tiny_in1k_224.pth", "shi-labs/dinat-tiny-in1k-224",
+                            notes=("top-1 82.7", "4.3 GMACs"), **_DINAT_PAPER),
+    "dinat_small.in1k": _cfg(_DINAT_URL + "dinat_small_in1k_224.pth", "shi-labs/dinat-small-in1k-224",
+                             notes=("top-1 83.8", "7.8 GMACs"), **_DINAT_PAPER),
+    "dinat_base.in1k": _cfg(_DINAT_URL + "dinat_base_in1k_224.pth", "shi-labs/dinat-base-in1k-224",
+                            notes=("top-1 84.4", "13.7 GMACs"), **_DINAT_PAPER),
+    "dinat_large.in22k_ft_in1k": _cfg(
+        _DINAT_URL + "dinat_large_in22k_in1k_224.pth", "shi-labs/dinat-large-in22k-in1k-224",
+        notes=("top-1 86.6",), **_DINAT_PAPER),
+    "dinat_large_384.in22k_ft_in1k": _cfg(
+        _DINAT_URL + "dinat_large_in22k_in1k_384.pth", "shi-labs/dinat-large-in22k-in1k-384",
+        input_size=(3, 384, 384), crop_pct=1.0, notes=("top-1 87.4",), **_DINAT_PAPER),
+    "dinat_large_384_11x11.in22k_ft_in1k": _cfg(
+        _DINAT_URL + "dinat_large_in22k_in1k_384_11x11.pth", "shi-labs/dinat-large-11x11-in22k-in1k-384",
+        input_size=(3, 384, 384), crop_pct=1.0, notes=("top-1 87.5",), **_DINAT_PAPER),
+})
+
+
+def _alternate(depth: int, dilation: int) -> List[int]:
+    """``[1, d, 1, d, ...]`` over a level's depth (DiNAT interleaves local and sparse global NA)."""
+    return [1 if i % 2 == 0 else dilation for i in range(depth)]
+
+
+def _dinat_dilations(depths: Sequence[int], level_dilations: Sequence[int]) -> List[List[int]]:
+    return [_alternate(depth, d) for depth, d in zip(depths, level_dilations)]
+
+
+_DILATIONS_224 = (8, 4, 2, 1)  # sparse-global dilation per level: 56 / 7, 28 / 7, 14 / 7, 7 / 7
+_DILATIONS_384 = (13, 6, 3, 1)  # ~ 96 / 7, 48 / 7, 24 / 7 at 384 px
+
+_MINI = dict(embed_dim=64, depths=(3, 4, 6, 5), num_heads=(2, 4, 8, 16), mlp_ratio=3.0, drop_path_rate=0.2)
+_TINY = dict(embed_dim=64, depths=(3, 4, 18, 5), num_heads=(2, 4, 8, 16), mlp_ratio=3.0, drop_path_rate=0.2)
+_SMALL = dict(embed_dim=96, depths=(3, 4, 18, 5), num_heads=(3, 6, 12, 24), mlp_ratio=2.0, drop_path_rate=0.3)
+_BASE = dict(embed_dim=128, depths=(3, 4, 18, 5), num_heads=(4, 8, 16, 32), mlp_ratio=2.0, drop_path_rate=0.5)
+_LARGE = dict(embed_dim=192, depths=(3, 4, 18, 5), num_heads=(6, 12, 24, 48), mlp_ratio=2.0, drop_path_rate=0.35)
+
+
+def _build(variant: str, pretrained: bool, arch: dict, kwargs: dict, dilated=None, **extra) -> DiNAT:
+    args = dict(arch, kernel_size=7, **extra)
+    if dilated is not None:
+        args["dilations"] = _dinat_dilations(arch["depths"], dilated)
+    # With overridden depths the default dilation pattern is rebuilt for them (unless given).
+    if dilated is not None and "depths" in kwargs and "dilations" not in kwargs:
+        kwargs = dict(kwargs, dilations=_dinat_dilations(kwargs["depths"], dilated))
+    args.update(kwargs)
+    return _create_dinat(variant, pretrained, **args)
+
+
+@register_model
+def nat_mini(pretrained: bool = False, **kwargs) -> DiNAT:
+    return _build("nat_mini", pretrained, _MINI, kwargs)
+
+
+@register_model
+def nat_tiny(pretrained: bool = False, **kwargs) -> DiNAT:
+    return _build("nat_tiny", pretrained, _TINY, kwargs)
+
+
+@register_model
+def nat_small(pretrained: bool = False, **kwargs) -> DiNAT:
+    return _build("nat_small", pretrained, _SMALL, kwargs, layer_scale=1e-5)
+
+
+@register_model
+def nat_base(pretrained: bool = False, **kwargs) -> DiNAT:
+    return _build("nat_base", pretrained, _BASE, kwargs, layer_scale=1e-5)
+
+
+@register_model
+def dinat_mini(pretrained: bool = False, **kwargs) -> DiNAT:
+    return _build("dinat_mini", pretrained, _MINI, kwargs, dilated=_DILATIONS_224)
+
+
+@register_model
+def dinat_tiny(pretrained: bool = False, **kwargs) -> DiNAT:
+    return _build("dinat_tiny", pretrained, _TINY, kwargs, dilated=_DILATIONS_224)
+
+
+@register_model
+def dinat_small(pretrained: bool = False, **kwargs) -> DiNAT:
+    return _build("dinat_small", pretrained, _SMALL, kwargs, dilated=_DILATIONS_224)
+
+
+@register_model
+def dinat_base(pretrained: bool = False, **kwargs) -> DiNAT:
+    return _build("dinat_base", pretrained, _BASE, kwargs, dilated=_DILATIONS_224, layer_scale=1e-5)
+
+
+@register_model
+def dinat_large(pretrained: bool = False, **kwargs) -> DiNAT:
+    return _build("dinat_large", pretrained, _LARGE, kwargs, dilated=_DILATIONS_224)
+
+
+@register_model
+def dinat_large_384(pretrained: bool = False, **kwargs) -> DiNAT:
+    return _build("dinat_large_384", pretrained, _LARGE, kwargs, dilated=_DILATIONS_384)
+
+
+@register_model
+def dinat_large_384_11x11(pretrained: bool = False, **kwargs) -> DiNAT:
+    kwargs.setdefault("kernel_size", 11)
+    return _build("dinat_large_384_11x11", pretrained, _LARGE, kwargs, dilated=_DILATIONS_224)

@@ -1,0 +1,227 @@
+"""Building blocks shared by every model family: the NA attention layer and the transformer block.
+
+Tensors are channels-last, ``[B, H, W, C]``, end to end (as in the original DiNAT code), so the
+heads-last layout of ``kernels.na2d`` is a free reshape of the qkv projection.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, trunc_normal_
+
+import kernels
+
+__all__ = [
+    "NeighborhoodAttention2d",
+    "GlobalAttentionRPB",
+    "NATLayer",
+    "per_level",
+    "check_dilations",
+    "init_weights",
+]
+
+
+def per_level(name: str, value, num_levels: int) -> tuple:
+    """One value for every level: an int broadcasts, a sequence must have one entry per level."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != num_levels:
+            raise ValueError(f"{name} must be one value or one per level ({num_levels}); got {value!r}")
+        return tuple(value)
+    return (value,) * num_levels
+
+
+def check_dilations(dilations, depths: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+    """Validate ``dilations`` (None, or one list per level with one int >= 1 per block)."""
+    if dilations is None:
+        return tuple((1,) * d for d in depths)
+    if not isinstance(dilations, (list, tuple)) or len(dilations) != len(depths):
+        raise ValueError(
+            f"dilations must be None or one list per level ({len(depths)} levels, depths={tuple(depths)}); "
+            f"got {dilations!r}"
+        )
+    out = []
+    for level, (dils, depth) in enumerate(zip(dilations, depths)):
+        if not isinstance(dils, (list, tuple)) or len(dils) != depth:
+            raise ValueError(
+                f"dilations[{level}] must hold one int per block of level {level} (depth {depth}); got {dils!r}"
+            )
+        for d in dils:
+            if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1:
+                raise ValueError(f"dilations[{level}] must hold ints >= 1; got {dils!r}")
+        out.append(tuple(int(d) for d in dils))
+    return tuple(out)
+
+
+def _check_heads(dim: int, num_heads: int) -> int:
+    if num_heads < 1 or dim % num_heads != 0:
+        raise ValueError(f"num_heads must divide the channel count: dim={dim}, num_heads={num_heads}")
+    return dim // num_heads
+
+
+class NeighborhoodAttention2d(nn.Module):
+    """Multi-head 2-D (dilated) neighborhood attention with relative position bias.
+
+    qkv Linear -> ``kernels.na2d`` (softmax(q.k * scale + rpb) v over a ``kernel_size`` window
+    with ``dilation``) -> proj Linear. A feature map smaller than ``kernel_size * dilation`` on an
+    axis is zero-padded at the right/bottom up to that size and the output cropped back, as in the
+    original implementation (so tiny inputs still run; padded tokens do act as keys there).
+    """
+
+    def __init__(self, dim: int, num_heads: int, kernel_size: int = 7, dilation: int = 1,
+                 qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 backend: str = "auto"):
+        super().__init__()
+        self.head_dim = _check_heads(dim, num_heads)
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, numbers.Integral) or kernel_size < 2 \
+                or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be an odd int >= 3 (the rpb needs a centre); got {kernel_size!r}")
+        if isinstance(dilation, bool) or not isinstance(dilation, numbers.Integral) or dilation < 1:
+            raise ValueError(f"dilation must be an int >= 1; got {dilation!r}")
+        self.num_heads = num_heads
+        self.kernel_size = int(kernel_size)
+        self.dilation = int(dilation)
+        self.scale = self.head_dim ** -0.5
+        self.backend = backend
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
+        trunc_normal_(self.rpb, std=0.02)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, kernel_size={self.kernel_size}, dilation={self.dilation}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        window = self.kernel_size * self.dilation
+        pad_b, pad_r = max(0, window - H), max(0, window - W)
+        if pad_b or pad_r:
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        Hp, Wp = x.shape[1], x.shape[2]
+        q, k, v = self.qkv(x).reshape(B, Hp, Wp, 3, self.num_heads, self.head_dim).unbind(3)
+        if self.training and self.attn_drop.p > 0:
+            # Dropout on the attention weights needs them materialised: the unfused qk / av ops.
+            attn = kernels.na2d_qk(q * self.scale, k, self.kernel_size, self.dilation, rpb=self.rpb,
+                                   backend=self.backend)
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            x = kernels.na2d_av(attn, v, self.kernel_size, self.dilation, backend=self.backend)
+        else:
+            x = kernels.na2d(q, k, v, self.kernel_size, self.dilation, rpb=self.rpb, scale=self.scale,
+                             backend=self.backend)
+        x = x.reshape(B, Hp, Wp, C)
+        if pad_b or pad_r:
+            x = x[:, :H, :W, :]
+        return self.proj_drop(self.proj(x))
+
+
+@functools.lru_cache(maxsize=32)
+def _global_rpb_index(height: int, width: int, table_size: int) -> torch.Tensor:
+    """Flat index into a ``[2L-1, 2L-1]`` bias table for every (query, key) pair of an H x W map.
+
+    Offsets are key minus query, shifted by ``L - 1`` (the NA convention, and the original code's
+    flipped Swin index).
+    """
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    dy = ys[None, :] - ys[:, None] + table_size - 1
+    dx = xs[None, :] - xs[:, None] + table_size - 1
+    return dy * (2 * table_size - 1) + dx
+
+
+class GlobalAttentionRPB(nn.Module):
+    """Plain multi-head self-attention over the whole map with a 2-D relative position bias.
+
+    The bias table ``rpb`` is ``[heads, 2L-1, 2L-1]`` for maps up to ``L x L`` (``input_size``);
+    it is gathered into an additive ``[heads, N, N]`` mask for ``scaled_dot_product_attention``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, input_size: int, qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.head_dim = _check_heads(dim, num_heads)
+        self.num_heads = num_heads
+        self.input_size = int(input_size)
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * self.input_size - 1, 2 * self.input_size - 1))
+        trunc_normal_(self.rpb, std=0.02)
+        self.attn_drop_p = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, input_size={self.input_size}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        if H > self.input_size or W > self.input_size:
+            raise ValueError(
+                f"GlobalAttentionRPB: feature map {H}x{W} is larger than the bias table covers "
+                f"({self.input_size}x{self.input_size}); use an input of at most {self.input_size * 16} px"
+            )
+        N = H * W
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # [B, heads, N, head_dim]
+        index = _global_rpb_index(H, W, self.input_size).to(x.device)
+        bias = self.rpb.reshape(self.num_heads, -1)[:, index].to(q.dtype)  # [heads, N, N]
+        x = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias.unsqueeze(0), dropout_p=self.attn_drop_p if self.training else 0.0,
+            scale=self.scale,
+        )
+        x = x.transpose(1, 2).reshape(B, H, W, C)
+        return self.proj_drop(self.proj(x))
+
+
+class NATLayer(nn.Module):
+    """Pre-norm transformer block: ``x + drop_path(attn(norm1(x)))`` then the same with the MLP.
+
+    With ``layer_scale`` (a float) both branches are scaled by learned per-channel ``gamma1`` /
+    ``gamma2`` (initialised to ``layer_scale``). ``attn`` defaults to neighborhood attention.
+    """
+
+    def __init__(self, dim: int, num_heads: int, kernel_size: int = 7, dilation: int = 1,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0,
+                 drop_path: float = 0.0, layer_scale: Optional[float] = None,
+                 norm_layer=nn.LayerNorm, act_layer=nn.GELU, na_backend: str = "auto",
+                 attn: Optional[nn.Module] = None):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = attn if attn is not None else NeighborhoodAttention2d(
+            dim, num_heads, kernel_size, dilation, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop,
+            backend=na_backend,
+        )
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.layer_scale = layer_scale is not None
+        if self.layer_scale:
+            if isinstance(layer_scale, bool) or not isinstance(layer_scale, numbers.Real):
+                raise TypeError(f"layer_scale must be None or a float; got {layer_scale!r}")
+            self.gamma1 = nn.Parameter(layer_scale * torch.ones(dim))
+            self.gamma2 = nn.Parameter(layer_scale * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layer_scale:
+            x = x + self.drop_path1(self.gamma1 * self.attn(self.norm1(x)))
+            return x + self.drop_path2(self.gamma2 * self.mlp(self.norm2(x)))
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+def init_weights(module: nn.Module) -> None:
+    """The original init: Linear trunc-normal(0.02) with zero bias, LayerNorm ones/zeros."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
