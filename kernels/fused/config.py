@@ -1,0 +1,68 @@
+"""Launch configuration: tile shapes (a heuristic on the map) and autotuned halo blocks."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import triton
+
+# What the autotuner's cache is keyed on: the map, the window and the tile (all change the work).
+AUTOTUNE_KEY = ["L0", "L1", "L2", "D0", "D1", "D2", "head_dim", "K0", "K1", "K2", "C0", "C1", "C2",
+                "T0", "T1", "T2", "HAS_RPB", "BLOCK_D"]
+
+# Queries per tile; the tile is shaped so one tile's windows overlap as much as possible.
+TILE_TOKENS = 64
+# tl.dot needs every dimension >= 16 on a GPU.
+MIN_DOT = 16
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _configs(block_name: str) -> list[triton.Config]:
+    if interpreted():
+        # The interpreter runs every config it is given: exactly one.
+        return [triton.Config({block_name: 32}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({block_name: block}, num_warps=warps, num_stages=stages)
+        for block in (32, 64, 128)
+        for warps in (4, 8)
+        for stages in (2, 3)
+    ]
+
+
+def autotuned(kernel, block_name: str):
+    """``kernel`` autotuned over its halo block size ``block_name`` (and warps/stages)."""
+    return triton.autotune(configs=_configs(block_name), key=AUTOTUNE_KEY)(kernel)
+
+
+def tile_shape(spatial3: tuple[int, int, int], dilation3: tuple[int, int, int], ndim: int) -> tuple[int, int, int]:
+    """Tile extent per axis (powers of two, product in [16, TILE_TOKENS]), in sub-grid tokens.
+
+    Start from a cube-like tile over the used axes (64, 8x8, 4x4x4), shrink axes longer than the
+    sub-grid, then give the freed room to axes that still have tokens, so that a tile stays about
+    TILE_TOKENS queries and never under MIN_DOT (a tl.dot operand dimension).
+    """
+    base = {1: (1, 1, TILE_TOKENS), 2: (1, 8, 8), 3: (4, 4, 4)}[ndim]
+    room = [triton.next_power_of_2(math.ceil(n / d)) for n, d in zip(spatial3, dilation3)]
+    tile = [min(t, r) for t, r in zip(base, room)]
+    while math.prod(tile) < TILE_TOKENS:
+        growable = [a for a in (2, 1, 0) if tile[a] < room[a]]
+        if not growable:
+            break
+        tile[min(growable, key=lambda a: tile[a])] *= 2
+    while math.prod(tile) < MIN_DOT:
+        tile[2] *= 2
+    return tuple(tile)
+
+
+def num_tiles(spatial3, dilation3, tile) -> int:
+    """Programs along the tile axis: tiles of the largest sub-grid, times the dilation groups."""
+    per_group = math.prod(triton.cdiv(triton.cdiv(n, d), t) for n, d, t in zip(spatial3, dilation3, tile))
+    return per_group * math.prod(dilation3)
+
+
+def block_d(head_dim: int) -> int:
+    return max(MIN_DOT, triton.next_power_of_2(head_dim))

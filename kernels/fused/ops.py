@@ -1,0 +1,181 @@
+"""The fused kernels as ``dinat::`` custom ops (``torch.library.triton_op``) with autograd.
+
+``dinat::na_fused_fwd`` returns ``(out, lse)``; ``dinat::na_fused_bwd`` returns ``(dq, dk, dv,
+drpb)``. Because the kernels are launched through ``wrap_triton``, ``torch.compile`` traces into
+them (no graph break). On CPU they run through the Triton interpreter when ``TRITON_INTERPRET=1``,
+otherwise they fall back to ``kernels.reference`` so the ops work everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+from torch.library import triton_op, wrap_triton
+from torch.utils.flop_counter import register_flop_formula
+
+from .. import reference
+from ..geometry import NAParams
+from . import config
+from .backward import na_bwd_dkdv_kernel, na_bwd_dq_kernel
+from .forward import na_fwd_kernel
+
+# Relative positions handled per dQ program; bigger windows get more programs (grid axis 2).
+MAX_BLOCK_R = 256
+
+
+class _Problem:
+    """A [B, *spatial, H, D] problem padded to 3 axes (leading axes: size 1, kernel 1, stride 0)."""
+
+    def __init__(self, query: torch.Tensor, kernel_size, dilation, is_causal):
+        self.ndim = query.dim() - 3
+        pad = 3 - self.ndim
+        self.batch, self.heads, self.head_dim = query.shape[0], query.shape[-2], query.shape[-1]
+        self.spatial = (1,) * pad + tuple(query.shape[1:-2])
+        self.kernel = (1,) * pad + tuple(int(k) for k in kernel_size)
+        self.dilation = (1,) * pad + tuple(int(d) for d in dilation)
+        self.causal = (False,) * pad + tuple(bool(c) for c in is_causal)
+        self.tile = config.tile_shape(self.spatial, self.dilation, self.ndim)
+        self.num_tiles = config.num_tiles(self.spatial, self.dilation, self.tile)
+        self.block_d = config.block_d(self.head_dim)
+        self.precision = "ieee" if query.dtype == torch.float32 else "tf32"
+        self.num_rel = math.prod(2 * k - 1 for k in self.kernel)
+
+    def strides(self, x: torch.Tensor) -> tuple[int, ...]:
+        """(batch, axis0, axis1, axis2, [heads, dim]) strides of a heads-last tensor, 0 on padding."""
+        s = x.stride()
+        return (s[0], *((0,) * (3 - self.ndim)), *s[1:])
+
+    def shape_args(self, scale: float) -> tuple:
+        return (*self.spatial, *self.dilation, self.heads, self.head_dim, scale)
+
+    def meta(self, has_rpb: bool) -> dict:
+        k0, k1, k2 = self.kernel
+        c0, c1, c2 = self.causal
+        t0, t1, t2 = self.tile
+        return dict(K0=k0, K1=k1, K2=k2, C0=c0, C1=c1, C2=c2, T0=t0, T1=t1, T2=t2,
+                    HAS_RPB=has_rpb, BLOCK_D=self.block_d, PRECISION=self.precision)
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return x.device.type == "cuda" or (x.device.type == "cpu" and config.interpreted())
+
+
+def _params(kernel_size, dilation, is_causal) -> NAParams:
+    return NAParams(tuple(kernel_size), tuple(dilation), tuple(bool(c) for c in is_causal))
+
+
+@triton_op("dinat::na_fused_fwd", mutates_args=())
+def na_fused_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rpb: Optional[torch.Tensor],
+                 kernel_size: List[int], dilation: List[int], is_causal: List[bool],
+                 scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    if not _use_triton(query):
+        return reference.na(query, key, value, _params(kernel_size, dilation, is_causal), rpb, scale, True)
+    p = _Problem(query, kernel_size, dilation, is_causal)
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    lse = torch.empty(query.shape[:-1], dtype=torch.float32, device=query.device)
+    has_rpb = rpb is not None
+    rpb_arg = rpb.contiguous() if has_rpb else lse  # never read without an RPB
+    wrap_triton(na_fwd_kernel)[(p.num_tiles, p.batch * p.heads)](
+        query, key, value, rpb_arg, out, lse,
+        *p.strides(query), *p.strides(key), *p.strides(value), *p.strides(out), *p.strides(lse),
+        *p.shape_args(scale), **p.meta(has_rpb),
+    )
+    return out, lse
+
+
+@triton_op("dinat::na_fused_bwd", mutates_args=())
+def na_fused_bwd(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], query: torch.Tensor, key: torch.Tensor,
+                 value: torch.Tensor, rpb: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
+                 kernel_size: List[int], dilation: List[int], is_causal: List[bool],
+                 scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of (out, lse) w.r.t. (query, key, value, rpb); drpb is empty without an RPB."""
+    if not _use_triton(query):
+        return _reference_bwd(grad_out, grad_lse, query, key, value, rpb, kernel_size, dilation, is_causal, scale)
+    p = _Problem(query, kernel_size, dilation, is_causal)
+    has_rpb = rpb is not None
+    lse = lse.contiguous()
+    delta = torch.empty_like(lse)
+    dq = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    dk = torch.empty(query.shape, dtype=key.dtype, device=query.device)
+    dv = torch.empty(query.shape, dtype=value.dtype, device=query.device)
+    block_r = min(triton.next_power_of_2(p.num_rel), MAX_BLOCK_R)
+    chunks = triton.cdiv(p.num_rel, block_r) if has_rpb else 1
+    partial = torch.zeros((p.num_tiles, p.batch, p.heads, chunks * block_r) if has_rpb else (1,),
+                          dtype=torch.float32, device=query.device)
+    rpb_arg = rpb.contiguous() if has_rpb else lse
+    has_dlse = grad_lse is not None
+    dlse_arg = grad_lse.contiguous() if has_dlse else lse
+    wrap_triton(na_bwd_dq_kernel)[(p.num_tiles, p.batch * p.heads, chunks)](
+        query, key, value, rpb_arg, out, grad_out, lse, dlse_arg, dq, delta, partial,
+        *p.strides(query), *p.strides(key), *p.strides(value), *p.strides(out), *p.strides(grad_out),
+        *p.strides(dq), *p.strides(lse),
+        *p.shape_args(scale), HAS_DLSE=has_dlse, BLOCK_R=block_r, **p.meta(has_rpb),
+    )
+    wrap_triton(na_bwd_dkdv_kernel)[(p.num_tiles, p.batch * p.heads)](
+        query, key, value, rpb_arg, grad_out, lse, delta, dk, dv,
+        *p.strides(query), *p.strides(key), *p.strides(value), *p.strides(dk), *p.strides(grad_out),
+        *p.strides(lse),
+        *p.shape_args(scale), **p.meta(has_rpb),
+    )
+    if has_rpb:
+        # Fixed-order sum over (tile, batch): deterministic, unlike atomics.
+        drpb = partial.sum(dim=(0, 1))[:, : p.num_rel].reshape(rpb.shape).to(rpb.dtype)
+    else:
+        drpb = torch.empty(0, dtype=query.dtype, device=query.device)
+    return dq, dk, dv, drpb
+
+
+def _reference_bwd(grad_out, grad_lse, query, key, value, rpb, kernel_size, dilation, is_causal, scale):
+    """CPU without the interpreter: differentiate the reference (same maths, O(N*K*D) memory)."""
+    inputs = [x.detach().requires_grad_() for x in (query, key, value)]
+    if rpb is not None:
+        inputs.append(rpb.detach().requires_grad_())
+    with torch.enable_grad():
+        out, lse = reference.na(*inputs[:3], _params(kernel_size, dilation, is_causal),
+                                inputs[3] if rpb is not None else None, scale, True)
+        outputs, grads = [out], [grad_out]
+        if grad_lse is not None:
+            outputs.append(lse)
+            grads.append(grad_lse)
+        result = torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
+    result = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, result)]
+    if rpb is None:
+        result.append(torch.empty(0, dtype=query.dtype, device=query.device))
+    return tuple(result)
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, rpb, kernel_size, dilation, is_causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, rpb, out, lse)
+    ctx.na_args = (list(kernel_size), list(dilation), list(is_causal), float(scale))
+    ctx.has_rpb = rpb is not None
+
+
+def _backward(ctx, grad_out, grad_lse):
+    query, key, value, rpb, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv, drpb = torch.ops.dinat.na_fused_bwd(grad_out, grad_lse, query, key, value,
+                                                    rpb if ctx.has_rpb else None, out, lse, *ctx.na_args)
+    return dq, dk, dv, (drpb if ctx.has_rpb else None), None, None, None, None
+
+
+na_fused_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@register_flop_formula(torch.ops.dinat.na_fused_fwd)
+def _fwd_flops(query_shape, *args, **kwargs) -> int:
+    """``q.k`` and ``p.v`` over every window slot: 4 * B * H * N * K * D."""
+    kernel_size = args[3]
+    return 4 * math.prod(query_shape) * math.prod(kernel_size)
+
+
+@register_flop_formula(torch.ops.dinat.na_fused_bwd)
+def _bwd_flops(grad_out_shape, *args, **kwargs) -> int:
+    """Five window-sized products (logits, dP, dQ, dK, dV), 2.5x the forward, as for SDPA."""
+    kernel_size = args[7]
+    return 10 * math.prod(grad_out_shape) * math.prod(kernel_size)
