@@ -89,6 +89,8 @@ class FlexNA:
         self.block_mask = create_block_mask(self._mask_mod(), None, None, n, n, device=device,
                                             BLOCK_SIZE=block_size, _compile=self.compiled)
         self._attention = torch.compile(flex_attention, dynamic=False) if self.compiled else flex_attention
+        self._score_mod_rpb: Optional[torch.Tensor] = None
+        self._score_mod: Optional[Callable] = None
 
     def _mask_mod(self) -> Callable:
         axes = self.axes  # a plain function, not a bound method: create_block_mask checks its arity
@@ -123,7 +125,13 @@ class FlexNA:
             raise ValueError(f"FlexNA built for spatial {self.spatial}; got q of shape {tuple(q.shape)}")
         if rpb is not None and self.params.any_causal:
             raise ValueError("flex_na: rpb is not defined for causal attention")
-        score_mod = None if rpb is None else self._score_mod_for(rpb)
+        score_mod = None
+        if rpb is not None:
+            # Reuse the score_mod while the bias tensor is the same: a compiled flex_attention
+            # would recompile for every new function object.
+            if self._score_mod_rpb is not rpb:
+                self._score_mod_rpb, self._score_mod = rpb, self._score_mod_for(rpb)
+            score_mod = self._score_mod
         with warnings.catch_warnings():
             # Eager flex_attention warns that it materialises the scores; on CPU that is intended.
             warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
+
 import pytest
 import torch
 
 import kernels
+from benchmarks import na_bench
 from benchmarks.alternatives import FlexNA, flex_na, sdpa_full
 
 from .strategies import Problem
@@ -55,3 +58,94 @@ def test_sdpa_full_is_dense_attention_in_na_layout():
     weights = (torch.einsum("bnhd,bmhd->bhnm", flat[0], flat[1]) * 0.5).softmax(-1)
     expected = torch.einsum("bhnm,bmhd->bnhd", weights, flat[2]).reshape(q.shape)
     torch.testing.assert_close(got, expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# The benchmark tool
+
+
+TINY_SMOKE_ARGS = ["--tiny", "--device", "cpu", "--candidates", "reference,flex,sdpa", "--repeats", "1"]
+
+
+def _table_rows(markdown: str) -> list[list[str]]:
+    rows = [line.strip("|").split("|") for line in markdown.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in row] for row in rows[1:]]  # without the header row
+
+
+def test_tiny_preset_runs_end_to_end_and_writes_table_and_plot(tmp_path, capsys):
+    out, png = tmp_path / "bench.md", tmp_path / "bench.png"
+    results = na_bench.main([*TINY_SMOKE_ARGS, "--out", str(out), "--plot", str(png)])
+
+    markdown = out.read_text()
+    assert markdown in capsys.readouterr().out  # printed and written alike
+    assert f"torch {torch.__version__}" in markdown and "triton " in markdown
+    assert f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}" in markdown
+    rows = _table_rows(markdown)
+    shapes = na_bench.preset_shapes("tiny")
+    assert len(rows) == len(results) == len(shapes) * 2 * 3  # shapes x (fwd, fwd+bwd) x candidates
+    by_key = {(row[0], row[1], row[2]): row for row in rows}
+    for shape in shapes:
+        for mode in ("fwd", "fwd+bwd"):
+            reference = by_key[(shape.label, mode, "reference")]
+            assert float(reference[3]) > 0 and reference[4] == "1.00x"  # the CPU baseline
+            assert float(by_key[(shape.label, mode, "sdpa")][3]) > 0
+            assert by_key[(shape.label, mode, "sdpa")][7] == "n/a (not NA)"
+        assert float(by_key[(shape.label, "fwd", "flex")][3]) > 0
+        assert by_key[(shape.label, "fwd+bwd", "flex")][3].startswith("unsupported")  # no CPU backward
+    first = shapes[0].label
+    assert float(by_key[(first, "fwd", "flex")][7]) < 1e-4  # checked against the reference
+    assert float(by_key[(first, "fwd+bwd", "reference")][7]) == 0.0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_wrong_or_failing_candidate_is_reported_not_timed(monkeypatch, tmp_path):
+    real_build = na_bench.build_candidate
+
+    def build(name, shape, device, flex_compile):
+        fn = real_build(name, shape, device, flex_compile)
+        if name == "flex":  # a "kernel" that is fast and wrong
+            return lambda q, k, v, rpb: fn(q, k, v, rpb) + 0.5
+        if name == "sdpa" and len(shape.spatial) == 1:
+            raise RuntimeError("simulated launch failure")
+        return fn
+
+    monkeypatch.setattr(na_bench, "build_candidate", build)
+    out = tmp_path / "bench.md"
+    na_bench.main([*TINY_SMOKE_ARGS, "--mode", "fwd", "--out", str(out)])
+    rows = _table_rows(out.read_text())
+    flex_rows = [row for row in rows if row[2] == "flex"]
+    assert flex_rows[0][7].endswith("FAIL")
+    assert all(row[3].startswith("wrong") and row[5] == "-" for row in flex_rows)
+    label_1d = next(s.label for s in na_bench.preset_shapes("tiny") if len(s.spatial) == 1)
+    sdpa_1d = [row for row in rows if row[2] == "sdpa" and row[0] == label_1d]
+    assert sdpa_1d and sdpa_1d[0][3].startswith("error")
+    assert "simulated launch failure" in out.read_text()
+    assert all(float(row[3]) > 0 for row in rows if row[2] == "reference")  # the others still ran
+
+
+def test_presets_hold_the_documented_shapes():
+    dinat = na_bench.preset_shapes("dinat-tiny")
+    assert {(s.spatial, s.heads, s.dilation[0]) for s in dinat} == {
+        ((56, 56), 2, 8), ((56, 56), 2, 1), ((28, 28), 4, 4), ((28, 28), 4, 1),
+        ((14, 14), 8, 2), ((14, 14), 8, 1), ((7, 7), 16, 1)}
+    assert all(s.kernel_size == (7, 7) and s.head_dim == 32 and 64 <= s.batch <= 128 for s in dinat)
+    large = na_bench.preset_shapes("large-image")
+    assert [s.dilation for s in large] == [(d, d) for d in (1, 2, 3, 4)]
+    assert all(s.spatial == (128, 128) and s.kernel_size == (13, 13) for s in large)
+    assert all(s.kernel_size == (3, 7, 7) for s in na_bench.preset_shapes("video"))
+    assert na_bench.preset_shapes("dinat-tiny", batch=128)[0].batch == 128
+    # Effective FLOPs: 4*B*H*N*K*D.
+    assert dinat[0].forward_flops() == 4 * 64 * 2 * 56 * 56 * 49 * 32
+
+
+@pytest.mark.gpu
+def test_compiled_flex_na_matches_reference_forward_and_backward_on_gpu():
+    problem = Problem(2, (20, 24), 2, 32, (5, 7), (2, 3), (False, False), True)
+    q, k, v, rpb = problem.tensors(dtype=torch.float32, device="cuda", requires_grad=True)
+    grad = torch.randn_like(q)
+    expected = kernels.na2d(q, k, v, (5, 7), (2, 3), rpb=rpb, backend="reference")
+    got = FlexNA(problem.spatial, (5, 7), (2, 3), device="cuda", compile=True)(q, k, v, rpb)
+    torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v, rpb), grad),
+                    torch.autograd.grad(expected, (q, k, v, rpb), grad)):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=2e-2)

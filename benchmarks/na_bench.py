@@ -1,0 +1,585 @@
+"""Neighborhood attention against the alternatives, on the same inputs, in one run.
+
+Candidates: the NA backends this machine has (``kernels.available_backends``: reference, unfused,
+fused), FlexAttention with an NA mask (``flex``; compiled on GPU) and full-attention SDPA (``sdpa``;
+a different, quadratic function: timed only). Forward and forward+backward, per shape of a preset.
+
+Reported per (shape, mode, candidate): median time in ms; speed-up against a baseline candidate
+measured in the same run (baseline ms / candidate ms, > 1 is faster); effective TFLOP/s; peak GPU
+memory; and, on the checked shapes (default: the first), the max abs error against the reference
+computed in float32. A candidate whose error exceeds the tolerance is marked wrong and not timed
+again, so a broken kernel cannot post a fast time. A candidate that runs out of memory or fails on
+one shape gets "OOM"/"error"/"unsupported" in its row; the run goes on.
+
+Examples::
+
+    PYTHONPATH=. python -m benchmarks.na_bench --preset dinat-tiny --out bench.md --plot bench.png
+    PYTHONPATH=. python -m benchmarks.na_bench --tiny            # CPU smoke test, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import functools
+import gc
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Optional, Sequence
+
+import torch
+
+import kernels
+from benchmarks.alternatives import FlexNA, sdpa_full
+
+NA_BY_RANK = {1: kernels.na1d, 2: kernels.na2d, 3: kernels.na3d}
+NA_BACKENDS = ("reference", "unfused", "fused")
+ALTERNATIVES = ("flex", "sdpa")
+ALL_CANDIDATES = NA_BACKENDS + ALTERNATIVES
+MODES = {"fwd": "fwd", "fwdbwd": "fwd+bwd"}
+# Backward costs ~2.5x the forward's matmul FLOPs (recomputed q.k, then dV, dP, dQ, dK), so a
+# forward+backward step is counted as 3.5 forwards.
+FWD_BWD_FLOP_FACTOR = 3.5
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+# Max abs error allowed against the float32 reference, relative to max(1, |reference|.max()).
+# float32 leaves room for TF32 tensor-core matmuls on GPUs.
+TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 6e-2, torch.float32: 1e-2, torch.float64: 1e-6}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One NA problem: tensors ``[batch, *spatial, heads, head_dim]`` and the window."""
+
+    group: str
+    batch: int
+    spatial: tuple[int, ...]
+    heads: int
+    head_dim: int
+    kernel_size: tuple[int, ...]
+    dilation: tuple[int, ...]
+    is_causal: tuple[bool, ...]
+    use_rpb: bool = True
+
+    @property
+    def num_tokens(self) -> int:
+        return math.prod(self.spatial)
+
+    @property
+    def num_neighbors(self) -> int:
+        return math.prod(self.kernel_size)
+
+    def forward_flops(self) -> int:
+        """Useful NA work: q.k and attn.v, 2 FLOPs per multiply-add each, ``4*B*H*N*K*D``."""
+        return 4 * self.batch * self.heads * self.num_tokens * self.num_neighbors * self.head_dim
+
+    @property
+    def label(self) -> str:
+        def axes(values):
+            values = tuple(values)
+            return str(values[0]) if len(set(values)) == 1 else "x".join(map(str, values))
+
+        causal = ""
+        if any(self.is_causal):
+            causal = " causal" + ("" if all(self.is_causal) else "(" + "".join("TF"[not c] for c in self.is_causal) + ")")
+        return (f"{self.group} {'x'.join(map(str, self.spatial))} B{self.batch} H{self.heads} D{self.head_dim} "
+                f"k{axes(self.kernel_size)} d{axes(self.dilation)}{causal}{' rpb' if self.use_rpb else ''}")
+
+
+def _square(group, batch, size, heads, head_dim, k, d, ndim=2, use_rpb=True) -> Shape:
+    return Shape(group, batch, (size,) * ndim, heads, head_dim, (k,) * ndim, (d,) * ndim, (False,) * ndim, use_rpb)
+
+
+def _dinat_tiny(batch: int) -> list[Shape]:
+    # DiNAT-tiny at 224x224: stages of 56^2 .. 7^2 tokens, 2..16 heads of 32, 7x7 windows; its
+    # dilated layers use 8, 4, 2, 1 and every stage also has undilated layers.
+    shapes = []
+    for stage, (size, heads, dilation) in enumerate(((56, 2, 8), (28, 4, 4), (14, 8, 2), (7, 16, 1)), start=1):
+        for d in sorted({dilation, 1}, reverse=True):
+            shapes.append(_square(f"dinat-t s{stage}", batch, size, heads, 32, 7, d))
+    return shapes
+
+
+def _large_image(batch: int) -> list[Shape]:
+    return [_square("large", batch, 128, 4, 32, 13, d) for d in (1, 2, 3, 4)]
+
+
+def _video(batch: int) -> list[Shape]:
+    spatial, ks = (16, 32, 32), (3, 7, 7)
+    return [
+        Shape("video", batch, spatial, 4, 32, ks, (1, 1, 1), (False,) * 3),
+        Shape("video", batch, spatial, 4, 32, ks, (1, 2, 2), (False,) * 3),
+        Shape("video", batch, spatial, 4, 32, ks, (1, 1, 1), (True, False, False), use_rpb=False),
+    ]
+
+
+def _tiny(batch: int) -> list[Shape]:
+    # Seconds on a CPU, every rank, dilation, causal and RPB: a smoke test of the tool, not a benchmark.
+    return [
+        _square("tiny", batch, 9, 2, 16, 3, 2),
+        Shape("tiny", batch, (24,), 2, 16, (5,), (3,), (False,)),
+        Shape("tiny", batch, (8, 8), 2, 16, (3, 3), (1, 2), (True, False), use_rpb=False),
+        Shape("tiny", batch, (3, 6, 6), 2, 16, (3, 3, 3), (1, 2, 1), (False,) * 3),
+    ]
+
+
+# preset -> (shape list for a batch size, default batch)
+PRESETS: dict[str, tuple[Callable[[int], list[Shape]], int]] = {
+    "dinat-tiny": (_dinat_tiny, 64),
+    "large-image": (_large_image, 8),
+    "video": (_video, 4),
+    "tiny": (_tiny, 2),
+}
+PRESET_CHOICES = [*PRESETS, "all"]
+
+
+def preset_shapes(name: str, batch: Optional[int] = None) -> list[Shape]:
+    names = [n for n in PRESETS if n != "tiny"] if name == "all" else [name]
+    shapes = []
+    for n in names:
+        make, default_batch = PRESETS[n]
+        shapes += make(batch or default_batch)
+    return shapes
+
+
+# ----------------------------------------------------------------------------------------------
+# Candidates
+
+
+class Unsupported(Exception):
+    """The candidate cannot run this case at all (reported as "unsupported", not as a failure)."""
+
+
+def available_na_backends(device: torch.device) -> list[str]:
+    """``kernels.available_backends(device)``; if the registry itself fails (a backend module that
+    raises on import or probing), ask for each backend separately so the others still run."""
+    try:
+        return kernels.available_backends(device)
+    except Exception:  # noqa: BLE001 -- a half-written backend must not stop the benchmark
+        names = []
+        for name in NA_BACKENDS:
+            try:
+                kernels.backends.resolve(name, device, "na")
+                names.append(name)
+            except Exception:  # noqa: BLE001
+                pass
+        return names
+
+
+def build_candidate(name: str, shape: Shape, device: torch.device, flex_compile: Optional[bool]) -> Callable:
+    """``fn(q, k, v, rpb) -> out`` for one candidate on one shape (set-up such as block masks done here)."""
+    na_args = dict(kernel_size=shape.kernel_size, dilation=shape.dilation, is_causal=shape.is_causal)
+    if name in NA_BACKENDS:
+        na = NA_BY_RANK[len(shape.spatial)]
+        return lambda q, k, v, rpb: na(q, k, v, rpb=rpb, backend=name, **na_args)
+    if name == "flex":
+        flex = FlexNA(shape.spatial, device=device, compile=flex_compile, **na_args)
+
+        def run_flex(q, k, v, rpb):
+            if device.type == "cpu" and q.requires_grad:
+                raise Unsupported("FlexAttention has no CPU backward")
+            return flex(q, k, v, rpb)
+
+        return run_flex
+    if name == "sdpa":
+        return lambda q, k, v, rpb: sdpa_full(q, k, v)
+    raise ValueError(f"unknown candidate {name!r}; choose from {list(ALL_CANDIDATES)}")
+
+
+def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    size = (shape.batch, *shape.spatial, shape.heads, shape.head_dim)
+    q, k, v = (torch.randn(size, generator=gen, device=device, dtype=dtype) for _ in range(3))
+    rpb = None
+    if shape.use_rpb:
+        rpb = torch.randn((shape.heads, *(2 * k_ - 1 for k_ in shape.kernel_size)), generator=gen, device=device,
+                          dtype=dtype)
+    grad_out = torch.randn(size, generator=gen, device=device, dtype=dtype)
+    return q, k, v, rpb, grad_out
+
+
+def _leaves(tensors: Sequence[Optional[torch.Tensor]], dtype=None):
+    return [None if t is None else t.detach().to(dtype or t.dtype).requires_grad_(True) for t in tensors]
+
+
+def step(fn: Callable, mode: str, q, k, v, rpb, grad_out) -> Callable[[], None]:
+    """A zero-argument call that runs one forward (no autograd) or one forward+backward."""
+    if mode == "fwd":
+        def forward():
+            with torch.no_grad():
+                fn(q, k, v, rpb)
+        return forward
+
+    leaves = [t for t in (q, k, v, rpb) if t is not None]
+
+    def forward_backward():
+        for t in leaves:
+            t.grad = None
+        fn(q, k, v, rpb).backward(grad_out)
+    return forward_backward
+
+
+def check_against_reference(fn: Callable, shape: Shape, mode: str, inputs, reference) -> float:
+    """Max abs error of the output (and, for fwd+bwd, of every input gradient) against ``reference``."""
+    q, k, v, rpb, grad_out = inputs
+    if mode == "fwd":
+        with torch.no_grad():
+            return (fn(q, k, v, rpb).float() - reference[0]).abs().max().item()
+    leaves = _leaves((q, k, v, rpb))
+    out = fn(*leaves)
+    grads = torch.autograd.grad(out, [t for t in leaves if t is not None], grad_out)
+    return max((got.float() - want).abs().max().item() for got, want in zip((out, *grads), reference))
+
+
+def reference_results(shape: Shape, mode: str, inputs) -> list[torch.Tensor]:
+    """Ground truth in float32: the output, then (fwd+bwd) the gradients of q, k, v, rpb."""
+    q, k, v, rpb, grad_out = inputs
+    na = NA_BY_RANK[len(shape.spatial)]
+    leaves = _leaves((q, k, v, rpb), torch.float32)
+    out = na(*leaves[:3], shape.kernel_size, shape.dilation, shape.is_causal, rpb=leaves[3], backend="reference")
+    if mode == "fwd":
+        return [out.detach()]
+    grads = torch.autograd.grad(out, [t for t in leaves if t is not None], grad_out.float())
+    return [out.detach(), *grads]
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(call: Callable[[], None], device: torch.device, args) -> float:
+    """Median milliseconds per call: ``triton.testing.do_bench`` on CUDA, a perf_counter loop on CPU."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(call, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median"))
+    call()  # warm-up: first-call caches (geometry tables, compiled kernels)
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def peak_memory_mib(call: Callable[[], None], device: torch.device) -> Optional[float]:
+    """Peak allocated GPU memory during one call, inputs included (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    call()
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+@dataclass
+class Result:
+    shape: Shape
+    mode: str
+    candidate: str
+    ms: Optional[float] = None
+    status: str = ""  # "" when timed, else OOM / error / unsupported / wrong / skipped
+    peak_mib: Optional[float] = None
+    max_err: Optional[float] = None
+    err_ok: Optional[bool] = None
+    note: str = ""
+    speedup: Optional[float] = None
+
+    @property
+    def tflops(self) -> Optional[float]:
+        if self.ms is None:
+            return None
+        flops = self.shape.forward_flops() * (FWD_BWD_FLOP_FACTOR if self.mode == "fwdbwd" else 1.0)
+        return flops / (self.ms * 1e-3) / 1e12
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
+
+
+def run_benchmark(shapes: Sequence[Shape], candidates: Sequence[str], modes: Sequence[str], device: torch.device,
+                  dtype: torch.dtype, args, log=print) -> list[Result]:
+    results: list[Result] = []
+    wrong: dict[str, str] = {}  # candidate -> why it is no longer timed
+    flex_compile = {"auto": None, "on": True, "off": False}[args.flex_compile]
+    for index, shape in enumerate(shapes):
+        check_this = args.check == "all" or (args.check == "first" and index == 0)
+        if "flex" in candidates and device.type == "cuda":
+            torch._dynamo.reset()  # every shape compiles its own masks; don't hit the recompile limit
+        inputs = make_inputs(shape, device, dtype, seed=index)
+        built: dict[str, Callable] = {}
+        for mode in modes:
+            reference = None
+            if check_this:
+                try:
+                    reference = reference_results(shape, mode, inputs)
+                except Exception as exc:  # noqa: BLE001 -- e.g. OOM of the gathering reference
+                    log(f"  [{shape.label} {MODES[mode]}] reference for the check failed: {_describe(exc)}")
+                _free(device)
+            for name in candidates:
+                result = Result(shape, mode, name)
+                results.append(result)
+                if name in wrong:
+                    result.status, result.note = "wrong", wrong[name]
+                    continue
+                try:
+                    if name not in built:
+                        built[name] = build_candidate(name, shape, device, flex_compile)
+                    fn = built[name]
+                    if reference is not None and name != "sdpa":
+                        result.max_err = check_against_reference(fn, shape, mode, inputs, reference)
+                        scale = max(1.0, max(r.abs().max().item() for r in reference))
+                        result.err_ok = result.max_err <= TOLERANCE[dtype] * scale
+                        if not result.err_ok:
+                            wrong[name] = f"max abs err {result.max_err:.3g} on {shape.label} {MODES[mode]}"
+                            result.status, result.note = "wrong", wrong[name]
+                            continue
+                    q, k, v, rpb, grad_out = inputs
+                    if mode == "fwdbwd":
+                        q, k, v, rpb = _leaves((q, k, v, rpb))
+                    call = step(fn, mode, q, k, v, rpb, grad_out)
+                    result.ms = time_ms(call, device, args)
+                    result.peak_mib = peak_memory_mib(call, device)
+                except Unsupported as exc:
+                    result.status, result.note = "unsupported", str(exc)
+                except Exception as exc:  # noqa: BLE001 -- one failing candidate must not end the run
+                    result.ms = None
+                    result.status = "OOM" if _is_oom(exc) else "error"
+                    result.note = _describe(exc)
+                _free(device)
+                shown = f"{result.ms:.3f} ms" if result.ms is not None else f"{result.status}: {result.note}"
+                log(f"  {shape.label:<48} {MODES[mode]:<8} {name:<10} {shown}")
+        del inputs, built
+        _free(device)
+    _add_speedups(results, args.baseline)
+    return results
+
+
+def _add_speedups(results: Sequence[Result], baseline: str) -> None:
+    base = {(id(r.shape), r.mode): r.ms for r in results if r.candidate == baseline}
+    for r in results:
+        b = base.get((id(r.shape), r.mode))
+        if b is not None and r.ms is not None:
+            r.speedup = b / r.ms
+
+
+# ----------------------------------------------------------------------------------------------
+# Reporting
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": name,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+    }
+
+
+def _fmt(value: Optional[float], spec: str, missing: str = "n/a") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def markdown_table(results: Sequence[Result], env: dict[str, str], args, candidates: Sequence[str],
+                   unavailable: Sequence[str], dtype: torch.dtype, device: torch.device) -> str:
+    timing = (f"`triton.testing.do_bench` median (warmup {args.warmup_ms} ms, rep {args.rep_ms} ms)"
+              if device.type == "cuda" else f"`time.perf_counter` median of {args.repeats} calls after 1 warm-up")
+    flex_mode = {"auto": "compiled" if device.type == "cuda" else "eager", "on": "compiled", "off": "eager"}
+    lines = [
+        f"## NA benchmark: preset `{args.preset}`, {str(dtype).replace('torch.', '')}, {device.type}",
+        "",
+        f"- date: {env['date']}",
+        f"- device: {env['device']}; torch {env['torch']}; triton {env['triton']}; python {env['python']}",
+        f"- candidates: {', '.join(candidates)}"
+        + (f" (flex: {flex_mode[args.flex_compile]})" if "flex" in candidates else "")
+        + (f"; not available here: {', '.join(unavailable)}" if unavailable else ""),
+        f"- time: {timing}",
+        f"- vs {args.baseline}: {args.baseline} ms / candidate ms in the same run (> 1 means faster)",
+        f"- TFLOP/s: effective, NA's useful work 4·B·H·N·K·D per forward (x{FWD_BWD_FLOP_FACTOR} for fwd+bwd),"
+        " the same count for every candidate (sdpa really does N/K times more work)",
+        "- peak MiB: `torch.cuda.max_memory_allocated` during one call, inputs included"
+        + ("" if device.type == "cuda" else " (n/a on CPU)"),
+        "- max abs err: against the float32 reference on the checked shapes "
+        f"(`--check {args.check}`); tolerance {TOLERANCE[dtype]:g} x max(1, |ref|); sdpa is a different function",
+        "",
+        f"| shape | mode | candidate | ms | vs {args.baseline} | TFLOP/s | peak MiB | max abs err |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    notes: list[str] = []
+    for r in results:
+        ms = _fmt(r.ms, ".3f") if r.ms is not None else r.status
+        if r.note and r.status:
+            notes.append(f"{r.candidate}, {r.shape.label}, {MODES[r.mode]}: {r.status}: {r.note}")
+            ms = f"{ms} [{len(notes)}]"
+        if r.candidate == "sdpa":
+            err = "n/a (not NA)"
+        elif r.max_err is None:
+            err = "-"
+        else:
+            err = f"{r.max_err:.2e}" + ("" if r.err_ok else " FAIL")
+        lines.append(
+            f"| {r.shape.label} | {MODES[r.mode]} | {r.candidate} | {ms} | {_fmt(r.speedup, '.2f', '-')}"
+            f"{'x' if r.speedup is not None else ''} | {_fmt(r.tflops, '.3g', '-')} | "
+            f"{_fmt(r.peak_mib, '.0f')} | {err} |"
+        )
+    if notes:
+        lines += ["", *(f"[{i}] {note}" for i, note in enumerate(notes, start=1))]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: Sequence[Result], path: str, title: str, candidates: Sequence[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = []
+    for r in results:
+        key = (r.shape.label, MODES[r.mode])
+        if key not in groups:
+            groups.append(key)
+    times = {(r.shape.label, MODES[r.mode], r.candidate): r.ms for r in results}
+    width = 0.8 / max(1, len(candidates))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(groups) * len(candidates) + 2), 5))
+    for c_index, name in enumerate(candidates):
+        xs, ys = [], []
+        for g_index, (label, mode) in enumerate(groups):
+            ms = times.get((label, mode, name))
+            if ms is not None:
+                xs.append(g_index + (c_index - (len(candidates) - 1) / 2) * width)
+                ys.append(ms)
+        ax.bar(xs, ys, width=width, label=name)
+    ax.set_xticks(range(len(groups)))
+    ax.set_xticklabels([f"{label}\n{mode}" for label, mode in groups], rotation=60, ha="right", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per call (log scale)")
+    ax.set_xlabel("no bar: OOM / error / unsupported / wrong (see the table)", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def _shape_list_help() -> str:
+    lines = []
+    for name in PRESETS:
+        make, batch = PRESETS[name]
+        lines.append(f"  {name} (batch {batch}):")
+        lines += [f"    {s.label}" for s in make(batch)]
+    return "presets:\n" + "\n".join(lines) + "\n  all: dinat-tiny + large-image + video"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.na_bench", description=__doc__.split("\n\n")[0],
+        epilog=_shape_list_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--preset", choices=PRESET_CHOICES, default="dinat-tiny")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke preset: same as --preset tiny")
+    parser.add_argument("--device", default="cuda" if cuda else "cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
+                        help="default: float16 on CUDA, float32 on CPU")
+    parser.add_argument("--batch", type=int, default=None, help="override every shape's batch size")
+    parser.add_argument("--filter", default=None, help="keep shapes whose label contains this text")
+    parser.add_argument("--mode", choices=["fwd", "fwdbwd", "both"], default="both")
+    parser.add_argument("--candidates", default=None,
+                        help=f"comma list from {','.join(ALL_CANDIDATES)}; default: every one available here")
+    parser.add_argument("--baseline", default=None, help="candidate the ratios are against; default flex on "
+                        "CUDA, reference on CPU")
+    parser.add_argument("--no-rpb", action="store_true", help="run every shape without relative position bias")
+    parser.add_argument("--check", choices=["first", "all", "none"], default="first",
+                        help="shapes whose outputs (and gradients) are checked against the reference")
+    parser.add_argument("--flex-compile", choices=["auto", "on", "off"], default="auto",
+                        help="torch.compile flex_attention: auto = on CUDA only")
+    parser.add_argument("--warmup-ms", type=int, default=25, help="CUDA: do_bench warm-up")
+    parser.add_argument("--rep-ms", type=int, default=100, help="CUDA: do_bench measuring time")
+    parser.add_argument("--repeats", type=int, default=5, help="CPU: timed calls per case")
+    parser.add_argument("--out", default=None, help="write the markdown table here")
+    parser.add_argument("--plot", default=None, help="write a bar chart (PNG) here")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.preset = "tiny"
+    return args, parser
+
+
+def main(argv=None) -> list[Result]:
+    args, parser = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+
+    shapes = preset_shapes(args.preset, args.batch)
+    if args.no_rpb:
+        shapes = [replace(s, use_rpb=False) for s in shapes]
+    if args.filter:
+        shapes = [s for s in shapes if args.filter in s.label]
+        if not shapes:
+            parser.error(f"--filter {args.filter!r} matches no shape of preset {args.preset!r}")
+
+    available = set(available_na_backends(device)) | set(ALTERNATIVES)
+    wanted = args.candidates.split(",") if args.candidates else list(ALL_CANDIDATES)
+    unknown = [c for c in wanted if c not in ALL_CANDIDATES]
+    if unknown:
+        parser.error(f"unknown candidates {unknown}; choose from {list(ALL_CANDIDATES)}")
+    candidates = [c for c in wanted if c in available]
+    unavailable = [c for c in wanted if c not in available]
+    if args.baseline is None:
+        args.baseline = "flex" if device.type == "cuda" and "flex" in candidates else candidates[0]
+    if args.baseline not in candidates:
+        parser.error(f"--baseline {args.baseline!r} is not among the candidates {candidates}")
+    modes = ["fwd", "fwdbwd"] if args.mode == "both" else [args.mode]
+
+    env = environment(device)
+    print(f"{env['device']} | torch {env['torch']} | triton {env['triton']} | {len(shapes)} shapes x "
+          f"{len(modes)} modes x {candidates}" + (f" (unavailable: {unavailable})" if unavailable else ""),
+          file=sys.stderr)
+    log = functools.partial(print, file=sys.stderr, flush=True)
+    results = run_benchmark(shapes, candidates, modes, device, dtype, args, log=log)
+
+    table = markdown_table(results, env, args, candidates, unavailable, dtype, device)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table)
+    if args.plot:
+        plot(results, args.plot, f"NA benchmark, {args.preset}, {env['device']}, {env['date']}", candidates)
+    return results
+
+
+if __name__ == "__main__":
+    main()
