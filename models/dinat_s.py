@@ -1,0 +1,132 @@
+"""DiNAT_s: DiNAT on a Swin-like skeleton (the authors' "alternative model", classification/dinats.py).
+
+A non-overlapping 4x4 patch embedding and Swin's patch merging replace NAT's overlapping conv
+tokenizer and downsampler; blocks are the shared NA transformer layer. Key names follow the
+authors' code (``layers.{i}.blocks.{j}``, ``layers.{i}.downsample.{norm,reduction}``).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import List, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from ._checkpoint import checkpoint_filter_fn
+from .dinat import HierarchicalNAT, _alternate, _cfg
+
+__all__ = ["PatchEmbed", "PatchMerging", "DiNATs"]
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping ``patch_size`` conv -> channels-last -> norm; pads the input up to a multiple."""
+
+    def __init__(self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96, norm_layer=nn.LayerNorm):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = norm_layer(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.patch_size
+        pad_h, pad_w = (-x.shape[-2]) % p, (-x.shape[-1]) % p
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class PatchMerging(nn.Module):
+    """Swin's 2x2 patch merging: concatenate each 2x2 neighbourhood (4C), norm, Linear(4C, 2C)."""
+
+    def __init__(self, dim: int, norm_layer=nn.LayerNorm):
+        super().__init__()
+        self.norm = norm_layer(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        if H % 2 or W % 2:  # odd maps get a zero row/column, as in Swin
+            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+        # Channel order x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2] (the checkpoints' order).
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return self.reduction(self.norm(x))
+
+
+class DiNATs(HierarchicalNAT):
+    levels_attr = "layers"
+    default_mlp_ratio = 4.0
+
+    def _make_stem(self, in_chans, embed_dim, norm_layer) -> nn.Module:
+        return PatchEmbed(4, in_chans, embed_dim, norm_layer)
+
+    def _make_downsample(self, dim, norm_layer) -> nn.Module:
+        return PatchMerging(dim, norm_layer)
+
+
+def _create_dinat_s(variant: str, pretrained: bool = False, **kwargs) -> DiNATs:
+    interpolate_rpb = kwargs.pop("interpolate_rpb", False)
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    return build_model_with_cfg(
+        DiNATs, variant, pretrained,
+        pretrained_filter_fn=partial(checkpoint_filter_fn, interpolate_rpb=interpolate_rpb),
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+        **kwargs,
+    )
+
+
+_URL = "https://shilab.cs.uoregon.edu/projects/dinat/checkpoints/imagenet1k/"
+_PAPER = dict(paper_ids="arXiv:2209.15001", paper_name="Dilated Neighborhood Attention Transformer",
+              first_conv="patch_embed.proj")
+
+default_cfgs = generate_default_cfgs({
+    "dinat_s_tiny.in1k": _cfg(_URL + "dinat_s_tiny_in1k_224.pth", **_PAPER),
+    "dinat_s_small.in1k": _cfg(_URL + "dinat_s_small_in1k_224.pth", **_PAPER),
+    "dinat_s_base.in1k": _cfg(_URL + "dinat_s_base_in1k_224.pth", **_PAPER),
+    "dinat_s_large.in22k_ft_in1k": _cfg(_URL + "dinat_s_large_in1k_224.pth", **_PAPER),
+    "dinat_s_large_384.in22k_ft_in1k": _cfg(_URL + "dinat_s_large_in1k_384.pth", input_size=(3, 384, 384),
+                                            crop_pct=1.0, **_PAPER),
+})
+
+
+def _build(variant: str, pretrained: bool, arch: dict, level_dilations: Sequence[int], kwargs: dict) -> DiNATs:
+    depths = kwargs.get("depths", arch["depths"])
+    args = dict(arch, kernel_size=7, mlp_ratio=4.0,
+                dilations=[_alternate(depth, d) for depth, d in zip(depths, level_dilations)])
+    args.update(kwargs)
+    return _create_dinat_s(variant, pretrained, **args)
+
+
+_D224: List[int] = [8, 4, 2, 1]
+_D384: List[int] = [13, 6, 3, 1]
+_TINY = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2)
+_SMALL = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3)
+_BASE = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5)
+_LARGE = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), drop_path_rate=0.35)
+
+
+@register_model
+def dinat_s_tiny(pretrained: bool = False, **kwargs) -> DiNATs:
+    return _build("dinat_s_tiny", pretrained, _TINY, _D224, kwargs)
+
+
+@register_model
+def dinat_s_small(pretrained: bool = False, **kwargs) -> DiNATs:
+    return _build("dinat_s_small", pretrained, _SMALL, _D224, kwargs)
+
+
+@register_model
+def dinat_s_base(pretrained: bool = False, **kwargs) -> DiNATs:
+    return _build("dinat_s_base", pretrained, _BASE, _D224, kwargs)
+
+
+@register_model
+def dinat_s_large(pretrained: bool = False, **kwargs) -> DiNATs:
+    return _build("dinat_s_large", pretrained, _LARGE, _D224, kwargs)
+
+
+@register_model
+def dinat_s_large_384(pretrained: bool = False, **kwargs) -> DiNATs:
+    return _build("dinat_s_large_384", pretrained, _LARGE, _D384, kwargs)

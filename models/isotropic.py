@@ -1,0 +1,235 @@
+"""Isotropic (ViT-like, single resolution) NAT / DiNAT and the ViT+RPB baseline.
+
+16x16 patch embedding (conv + norm, no position embedding, no class token), ``depth`` pre-norm
+blocks at 1/16 resolution, norm, average pool, linear head -- the authors' classification/
+isotropic.py, with its key names (``layers.{i}``). NA blocks use the shared NA layer; DiNAT
+alternates dilation 1 / ``dilation``; ViT+RPB uses global self-attention with a
+``[heads, 2L-1, 2L-1]`` relative position bias (``L = img_size // patch_size``).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import List, Optional, Sequence, Tuple, Union
+
+import numbers
+
+import torch
+import torch.nn as nn
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from ._checkpoint import CheckpointFormatMixin, checkpoint_filter_fn
+from .dinat import _cfg
+from .dinat_s import PatchEmbed
+from .layers import GlobalAttentionRPB, NATLayer, init_weights
+
+__all__ = ["NATIsotropic"]
+
+
+class NATIsotropic(CheckpointFormatMixin, nn.Module):
+    """Isotropic transformer with neighborhood attention (``attention="na"``) or global attention + RPB."""
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            img_size: int = 224,
+            patch_size: int = 16,
+            embed_dim: int = 384,
+            depth: int = 12,
+            num_heads: int = 12,
+            attention: str = "na",
+            kernel_size: int = 7,
+            dilations: Optional[Sequence[int]] = None,
+            mlp_ratio: float = 4.0,
+            qkv_bias: bool = True,
+            drop_rate: float = 0.0,
+            attn_drop_rate: float = 0.0,
+            drop_path_rate: float = 0.1,
+            layer_scale: Optional[float] = None,
+            global_pool: str = "avg",
+            na_backend: str = "auto",
+            norm_layer=nn.LayerNorm,
+    ):
+        super().__init__()
+        if attention not in ("na", "global"):
+            raise ValueError(f"attention must be 'na' (neighborhood) or 'global' (self-attention + RPB); got {attention!r}")
+        if global_pool not in ("avg", ""):
+            raise ValueError(f"global_pool must be 'avg' or '' (no pooling); got {global_pool!r}")
+        if dilations is None:
+            dilations = [1] * depth
+        if not isinstance(dilations, (list, tuple)) or len(dilations) != depth or any(
+                isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1 for d in dilations):
+            raise ValueError(f"dilations must hold one int >= 1 per block (depth {depth}); got {dilations!r}")
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.embed_dim = self.num_features = self.head_hidden_size = embed_dim
+        self.output_fmt = "NHWC"
+        self.grad_checkpointing = False
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, norm_layer)
+        self.pos_drop = nn.Dropout(p=drop_rate)
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        blocks = []
+        for i in range(depth):
+            attn = None
+            if attention == "global":
+                attn = GlobalAttentionRPB(embed_dim, num_heads, img_size // patch_size, qkv_bias=qkv_bias,
+                                          attn_drop=attn_drop_rate, proj_drop=drop_rate)
+            blocks.append(NATLayer(
+                embed_dim, num_heads, kernel_size, dilations[i], mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i], layer_scale=layer_scale,
+                norm_layer=norm_layer, na_backend=na_backend, attn=attn,
+            ))
+        self.layers = nn.Sequential(*blocks)
+        self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f"layers.{i}") for i in range(depth)]
+        self.norm = norm_layer(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(init_weights)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {name for name, _ in self.named_parameters() if name.endswith("rpb")}
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self) -> set:
+        return {"rpb"}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^patch_embed", blocks=[(r"^layers\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or ''; got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Block outputs as NCHW (default) or NHWC maps; ``norm`` applies the final norm to each."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC'; got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        intermediates = []
+        x = self.pos_drop(self.patch_embed(x))
+        blocks = self.layers if torch.jit.is_scripting() or not stop_early else self.layers[:max_index + 1]
+        for i, block in enumerate(blocks):
+            x = block(x)
+            if i in take_indices:
+                x_inter = self.norm(x) if norm else x
+                intermediates.append(x_inter.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else x_inter)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        self.layers = self.layers[:max_index + 1]
+        self.feature_info = self.feature_info[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pos_drop(self.patch_embed(x))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.layers, x)
+        else:
+            x = self.layers(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _create_isotropic(variant: str, pretrained: bool = False, **kwargs) -> NATIsotropic:
+    interpolate_rpb = kwargs.pop("interpolate_rpb", False)
+    out_indices = kwargs.pop("out_indices", kwargs.get("depth", 12))
+    return build_model_with_cfg(
+        NATIsotropic, variant, pretrained,
+        pretrained_filter_fn=partial(checkpoint_filter_fn, interpolate_rpb=interpolate_rpb),
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+        **kwargs,
+    )
+
+
+_URL = "https://shilab.cs.uoregon.edu/projects/dinat/checkpoints/isotropic/"
+_PAPER = dict(paper_ids="arXiv:2209.15001", paper_name="Dilated Neighborhood Attention Transformer",
+              first_conv="patch_embed.proj")
+
+default_cfgs = generate_default_cfgs({
+    "nat_isotropic_small.in1k": _cfg(_URL + "nat_isotropic_small_in1k_224.pth", **_PAPER),
+    "dinat_isotropic_small.in1k": _cfg(_URL + "dinat_isotropic_small_in1k_224.pth", **_PAPER),
+    "vitrpb_small.in1k": _cfg(_URL + "vitrpb_small_in1k_224.pth", **_PAPER),
+    "nat_isotropic_base.in1k": _cfg(_URL + "nat_isotropic_base_in1k_224.pth", **_PAPER),
+    "dinat_isotropic_base.in1k": _cfg(_URL + "dinat_isotropic_base_in1k_224.pth", **_PAPER),
+    "vitrpb_base.in1k": _cfg(_URL + "vitrpb_base_in1k_224.pth", **_PAPER),
+})
+
+_SMALL = dict(embed_dim=384, depth=12, num_heads=12, drop_path_rate=0.1)
+_BASE = dict(embed_dim=768, depth=12, num_heads=24, drop_path_rate=0.4)
+
+
+def _build(variant: str, pretrained: bool, arch: dict, kwargs: dict, dilation: int = 1, **extra) -> NATIsotropic:
+    depth = kwargs.get("depth", arch["depth"])
+    args = dict(arch, kernel_size=7, mlp_ratio=4.0, dilations=[1 if i % 2 == 0 else dilation for i in range(depth)],
+                **extra)
+    args.update(kwargs)
+    return _create_isotropic(variant, pretrained, **args)
+
+
+@register_model
+def nat_isotropic_small(pretrained: bool = False, **kwargs) -> NATIsotropic:
+    return _build("nat_isotropic_small", pretrained, _SMALL, kwargs)
+
+
+@register_model
+def dinat_isotropic_small(pretrained: bool = False, **kwargs) -> NATIsotropic:
+    return _build("dinat_isotropic_small", pretrained, _SMALL, kwargs, dilation=2)
+
+
+@register_model
+def vitrpb_small(pretrained: bool = False, **kwargs) -> NATIsotropic:
+    return _build("vitrpb_small", pretrained, _SMALL, kwargs, attention="global")
+
+
+@register_model
+def nat_isotropic_base(pretrained: bool = False, **kwargs) -> NATIsotropic:
+    return _build("nat_isotropic_base", pretrained, _BASE, kwargs)
+
+
+@register_model
+def dinat_isotropic_base(pretrained: bool = False, **kwargs) -> NATIsotropic:
+    return _build("dinat_isotropic_base", pretrained, _BASE, kwargs, dilation=2)
+
+
+@register_model
+def vitrpb_base(pretrained: bool = False, **kwargs) -> NATIsotropic:
+    return _build("vitrpb_base", pretrained, _BASE, kwargs, attention="global")
