@@ -52,9 +52,10 @@ def main(argv=None) -> None:
             err = (out.float() - ref.float()).abs().max().item()
             ms = _time(lambda: kernels.na2d(q, k, v, 7, dilation, rpb=rpb, backend=name), args.repeats)
             print(f"na2d {tuple(shape)} k=7 dilation={dilation} backend={name:9s} {ms:8.2f} ms  max|err| {err:.2e}")
-    # The window rule at a border, spelled out: which columns does query (0, 0) see?
-    index = kernels.na2d_qk(q[:1, :8, :8], k[:1, :8, :8], 3, 2)
-    print(f"logits for an 8x8 map, k=3, dilation 2: shape {tuple(index.shape)} (last dim = 3*3 window slots)")
+    # The window rule at a border: with dilation 2, the corner query of an 8x8 map attends to rows
+    # and columns 0, 2, 4 -- its window is shifted inward, not padded.
+    nb_rows, _, _ = kernels.geometry.axis_window(8, 3, 2, False)
+    print(f"8x8 map, k=3, dilation 2: query row 0 sees rows {nb_rows[0].tolist()}, row 7 sees {nb_rows[7].tolist()}")
 
 
 if __name__ == "__main__":
