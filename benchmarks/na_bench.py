@@ -293,6 +293,7 @@ class Result:
     err_ok: Optional[bool] = None
     note: str = ""
     speedup: Optional[float] = None
+    unchecked_because: str = ""  # set when this shape was to be checked but the reference failed
 
     @property
     def tflops(self) -> Optional[float]:
@@ -329,15 +330,16 @@ def run_benchmark(shapes: Sequence[Shape], candidates: Sequence[str], modes: Seq
         inputs = make_inputs(shape, device, dtype, seed=index)
         built: dict[str, Callable] = {}
         for mode in modes:
-            reference = None
+            reference, reference_failure = None, ""
             if check_this:
                 try:
                     reference = reference_results(shape, mode, inputs)
                 except Exception as exc:  # noqa: BLE001 -- e.g. OOM of the gathering reference
+                    reference_failure = "no ref (OOM)" if _is_oom(exc) else "no ref (error)"
                     log(f"  [{shape.label} {MODES[mode]}] reference for the check failed: {_describe(exc)}")
                 _free(device)
             for name in candidates:
-                result = Result(shape, mode, name)
+                result = Result(shape, mode, name, unchecked_because=reference_failure)
                 results.append(result)
                 if name in wrong:
                     result.status, result.note = "wrong", wrong[name]
@@ -445,7 +447,7 @@ def markdown_table(results: Sequence[Result], env: dict[str, str], args, candida
         if r.candidate == "sdpa":
             err = "n/a (not NA)"
         elif r.max_err is None:
-            err = "-"
+            err = r.unchecked_because or "-"
         else:
             err = f"{r.max_err:.2e}" + ("" if r.err_ok else " FAIL")
         lines.append(
