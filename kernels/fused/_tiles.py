@@ -80,8 +80,19 @@ def in_window(i, ws, j, d, K: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
+def halo_flat(u0, u1, u2, n1, n2):
+    """Per-axis step counts -> flat index in a box of ``n0 x n1 x n2`` (inverse of halo_coords)."""
+    return (u0 * n1 + u1) * n2 + u2
+
+
+@triton.jit
 def rpb_index(i0, i1, i2, j0, j1, j2, d0, d1, d2, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr):
-    """Flat index into ``rpb[h]`` (shape ``[2K0-1, 2K1-1, 2K2-1]``) for query i and key j."""
+    """Flat index into ``rpb[h]`` (shape ``[2K0-1, 2K1-1, 2K2-1]``) for query i and key j.
+
+    Kernels call it once per tile against the halo start and add the halo step of each key
+    (``rpb_offset(i, j) = rpb_offset(i, h) + (j - h) // d`` within a dilation group), which keeps
+    the per-(query, key) integer work to one add.
+    """
     r0 = rpb_offset(i0, j0, K0, d0)
     r1 = rpb_offset(i1, j1, K1, d1)
     r2 = rpb_offset(i2, j2, K2, d2)

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ..triton_geometry import window_start
 from . import config
-from ._tiles import halo_coords, in_window, key_halo, query_halo, rpb_index, split_program, tile_tokens
+from ._tiles import halo_coords, halo_flat, in_window, key_halo, query_halo, rpb_index, split_program, tile_tokens
 
 
 @triton.jit
@@ -65,11 +65,11 @@ def _na_bwd_dq_kernel(
     d_valid = dim < head_dim
     qd_mask = q_valid[:, None] & d_valid[None, :]
     q_off = b * sqb + i0 * sq0 + i1 * sq1 + i2 * sq2 + h * sqh
-    q = tl.load(q_ptr + q_off[:, None] + dim[None, :] * sqd, mask=qd_mask, other=0.0)
+    q = tl.load((q_ptr + q_off)[:, None] + (dim * sqd)[None, :], mask=qd_mask, other=0.0)
     o_off = b * sob + i0 * so0 + i1 * so1 + i2 * so2 + h * soh
-    o = tl.load(o_ptr + o_off[:, None] + dim[None, :] * sod, mask=qd_mask, other=0.0)
+    o = tl.load((o_ptr + o_off)[:, None] + (dim * sod)[None, :], mask=qd_mask, other=0.0)
     do_off = b * sdob + i0 * sdo0 + i1 * sdo1 + i2 * sdo2 + h * sdoh
-    do = tl.load(do_ptr + do_off[:, None] + dim[None, :] * sdod, mask=qd_mask, other=0.0)
+    do = tl.load((do_ptr + do_off)[:, None] + (dim * sdod)[None, :], mask=qd_mask, other=0.0)
     l_off = b * slb + i0 * sl0 + i1 * sl1 + i2 * sl2 + h * slh
     lse2 = tl.load(lse_ptr + l_off, mask=q_valid, other=0.0) * 1.4426950408889634
     # d(loss)/d(logit) = P * (dP - delta); an incoming dLSE adds P * dLSE, i.e. lowers delta.
@@ -99,9 +99,10 @@ def _na_bwd_dq_kernel(
                    & in_window(i1[:, None], ws1[:, None], jr1, D1, K1, C1)
                    & in_window(i2[:, None], ws2[:, None], jr2, D2, K2, C2)
                    & q_valid[:, None] & (r < R)[None, :])
-        r_flat = (((jr0 - h0) // D0) * n1 + (jr1 - h1) // D1) * n2 + (jr2 - h2) // D2
+        r_flat = halo_flat((jr0 - h0) // D0, (jr1 - h1) // D1, (jr2 - h2) // D2, n1, n2)
         drpb = tl.zeros([BLOCK_R], tl.float32)
 
+    rpb_q = rpb_index(i0, i1, i2, h0, h1, h2, D0, D1, D2, K0, K1, K2)  # + halo step of the key
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     for start in range(0, halo, BLOCK_K):
@@ -113,9 +114,9 @@ def _na_bwd_dq_kernel(
         j2 = h2 + u2 * D2
         kv_mask = k_valid[:, None] & d_valid[None, :]
         k_off = b * skb + j0 * sk0 + j1 * sk1 + j2 * sk2 + h * skh
-        k = tl.load(k_ptr + k_off[:, None] + dim[None, :] * skd, mask=kv_mask, other=0.0)
+        k = tl.load((k_ptr + k_off)[:, None] + (dim * skd)[None, :], mask=kv_mask, other=0.0)
         v_off = b * svb + j0 * sv0 + j1 * sv1 + j2 * sv2 + h * svh
-        v = tl.load(v_ptr + v_off[:, None] + dim[None, :] * svd, mask=kv_mask, other=0.0)
+        v = tl.load((v_ptr + v_off)[:, None] + (dim * svd)[None, :], mask=kv_mask, other=0.0)
 
         mask = (in_window(i0[:, None], ws0[:, None], j0[None, :], D0, K0, C0)
                 & in_window(i1[:, None], ws1[:, None], j1[None, :], D1, K1, C1)
@@ -123,8 +124,7 @@ def _na_bwd_dq_kernel(
                 & k_valid[None, :] & q_valid[:, None])
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if HAS_RPB:
-            ri = rpb_index(i0[:, None], i1[:, None], i2[:, None], j0[None, :], j1[None, :], j2[None, :],
-                           D0, D1, D2, K0, K1, K2)
+            ri = rpb_q[:, None] + halo_flat(u0, u1, u2, R1, R2)[None, :]
             s += tl.load(rpb_row + ri, mask=mask, other=0.0).to(tl.float32) * 1.4426950408889634
         p = tl.where(mask, tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -138,7 +138,7 @@ def _na_bwd_dq_kernel(
 
     if chunk == 0:
         dq_off = b * sgb + i0 * sg0 + i1 * sg1 + i2 * sg2 + h * sgh
-        tl.store(dq_ptr + dq_off[:, None] + dim[None, :] * sgd, (dq * scale).to(dq_ptr.dtype.element_ty),
+        tl.store((dq_ptr + dq_off)[:, None] + (dim * sgd)[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
                  mask=qd_mask)
     if HAS_RPB:
         n_chunks = tl.num_programs(2)
@@ -182,9 +182,9 @@ def _na_bwd_dkdv_kernel(
     d_valid = dim < head_dim
     kd_mask = k_valid[:, None] & d_valid[None, :]
     k_off = b * skb + j0 * sk0 + j1 * sk1 + j2 * sk2 + h * skh
-    k = tl.load(k_ptr + k_off[:, None] + dim[None, :] * skd, mask=kd_mask, other=0.0)
+    k = tl.load((k_ptr + k_off)[:, None] + (dim * skd)[None, :], mask=kd_mask, other=0.0)
     v_off = b * svb + j0 * sv0 + j1 * sv1 + j2 * sv2 + h * svh
-    v = tl.load(v_ptr + v_off[:, None] + dim[None, :] * svd, mask=kd_mask, other=0.0)
+    v = tl.load((v_ptr + v_off)[:, None] + (dim * svd)[None, :], mask=kd_mask, other=0.0)
 
     h0, n0 = key_halo(a0, g0, L0, D0, K0, C0, T0)
     h1, n1 = key_halo(a1, g1, L1, D1, K1, C1, T1)
@@ -192,6 +192,8 @@ def _na_bwd_dkdv_kernel(
     halo = n0 * n1 * n2
 
     rpb_row = rpb_ptr + h * ((2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1))
+    # rpb_offset(i, j) = rpb_offset(halo start, j) - (halo step of query i).
+    rpb_k = rpb_index(h0, h1, h2, j0, j1, j2, D0, D1, D2, K0, K1, K2)
     qk_scale = scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_KT, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_KT, BLOCK_D], tl.float32)
@@ -204,9 +206,9 @@ def _na_bwd_dkdv_kernel(
         i2 = h2 + u2 * D2
         qd_mask = q_valid[:, None] & d_valid[None, :]
         q_off = b * sqb + i0 * sq0 + i1 * sq1 + i2 * sq2 + h * sqh
-        q = tl.load(q_ptr + q_off[:, None] + dim[None, :] * sqd, mask=qd_mask, other=0.0)
+        q = tl.load((q_ptr + q_off)[:, None] + (dim * sqd)[None, :], mask=qd_mask, other=0.0)
         do_off = b * sdob + i0 * sdo0 + i1 * sdo1 + i2 * sdo2 + h * sdoh
-        do = tl.load(do_ptr + do_off[:, None] + dim[None, :] * sdod, mask=qd_mask, other=0.0)
+        do = tl.load((do_ptr + do_off)[:, None] + (dim * sdod)[None, :], mask=qd_mask, other=0.0)
         l_off = b * slb + i0 * sl0 + i1 * sl1 + i2 * sl2 + h * slh
         lse2 = tl.load(lse_ptr + l_off, mask=q_valid, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_ptr + l_off, mask=q_valid, other=0.0)
@@ -221,8 +223,7 @@ def _na_bwd_dkdv_kernel(
                 & q_valid[None, :] & k_valid[:, None])
         st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         if HAS_RPB:
-            ri = rpb_index(i0[None, :], i1[None, :], i2[None, :], j0[:, None], j1[:, None], j2[:, None],
-                           D0, D1, D2, K0, K1, K2)
+            ri = rpb_k[:, None] - halo_flat(u0, u1, u2, 2 * K1 - 1, 2 * K2 - 1)[None, :]
             st += tl.load(rpb_row + ri, mask=mask, other=0.0).to(tl.float32) * 1.4426950408889634
         pt = tl.where(mask, tl.exp2(st - lse2[None, :]), 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
@@ -231,8 +232,8 @@ def _na_bwd_dkdv_kernel(
         dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
 
     g_off = b * sgb + j0 * sg0 + j1 * sg1 + j2 * sg2 + h * sgh
-    tl.store(dk_ptr + g_off[:, None] + dim[None, :] * sgd, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kd_mask)
-    tl.store(dv_ptr + g_off[:, None] + dim[None, :] * sgd, dv.to(dv_ptr.dtype.element_ty), mask=kd_mask)
+    tl.store((dk_ptr + g_off)[:, None] + (dim * sgd)[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=kd_mask)
+    tl.store((dv_ptr + g_off)[:, None] + (dim * sgd)[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kd_mask)
 
 
 na_bwd_dq_kernel = config.autotuned(_na_bwd_dq_kernel, "BLOCK_K")

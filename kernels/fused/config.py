@@ -24,7 +24,7 @@ def interpreted() -> bool:
 def _configs(block_name: str) -> list[triton.Config]:
     if interpreted():
         # The interpreter runs every config it is given: exactly one.
-        return [triton.Config({block_name: 32}, num_warps=4, num_stages=1)]
+        return [triton.Config({block_name: 128}, num_warps=4, num_stages=1)]
     return [
         triton.Config({block_name: block}, num_warps=warps, num_stages=stages)
         for block in (32, 64, 128)

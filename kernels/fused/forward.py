@@ -12,7 +12,7 @@ import triton.language as tl
 
 from ..triton_geometry import window_start
 from . import config
-from ._tiles import halo_coords, in_window, query_halo, rpb_index, split_program, tile_tokens
+from ._tiles import halo_coords, halo_flat, in_window, query_halo, rpb_index, split_program, tile_tokens
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -54,7 +54,7 @@ def _na_fwd_kernel(
     dim = tl.arange(0, BLOCK_D)
     d_valid = dim < head_dim
     q_off = b * sqb + i0 * sq0 + i1 * sq1 + i2 * sq2 + h * sqh
-    q = tl.load(q_ptr + q_off[:, None] + dim[None, :] * sqd, mask=q_valid[:, None] & d_valid[None, :], other=0.0)
+    q = tl.load((q_ptr + q_off)[:, None] + (dim * sqd)[None, :], mask=q_valid[:, None] & d_valid[None, :], other=0.0)
 
     h0, n0 = query_halo(a0, g0, L0, D0, K0, C0, T0)
     h1, n1 = query_halo(a1, g1, L1, D1, K1, C1, T1)
@@ -66,6 +66,7 @@ def _na_fwd_kernel(
     l_i = tl.zeros([BLOCK_Q], tl.float32)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     rpb_row = rpb_ptr + h * ((2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1))
+    rpb_q = rpb_index(i0, i1, i2, h0, h1, h2, D0, D1, D2, K0, K1, K2)  # + halo step of the key
 
     for start in range(0, halo, BLOCK_K):
         f = start + tl.arange(0, BLOCK_K)
@@ -76,9 +77,9 @@ def _na_fwd_kernel(
         j2 = h2 + u2 * D2
         kv_mask = k_valid[:, None] & d_valid[None, :]
         k_off = b * skb + j0 * sk0 + j1 * sk1 + j2 * sk2 + h * skh
-        k = tl.load(k_ptr + k_off[:, None] + dim[None, :] * skd, mask=kv_mask, other=0.0)
+        k = tl.load((k_ptr + k_off)[:, None] + (dim * skd)[None, :], mask=kv_mask, other=0.0)
         v_off = b * svb + j0 * sv0 + j1 * sv1 + j2 * sv2 + h * svh
-        v = tl.load(v_ptr + v_off[:, None] + dim[None, :] * svd, mask=kv_mask, other=0.0)
+        v = tl.load((v_ptr + v_off)[:, None] + (dim * svd)[None, :], mask=kv_mask, other=0.0)
 
         mask = (in_window(i0[:, None], ws0[:, None], j0[None, :], D0, K0, C0)
                 & in_window(i1[:, None], ws1[:, None], j1[None, :], D1, K1, C1)
@@ -86,8 +87,7 @@ def _na_fwd_kernel(
                 & k_valid[None, :])
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if HAS_RPB:
-            r = rpb_index(i0[:, None], i1[:, None], i2[:, None], j0[None, :], j1[None, :], j2[None, :],
-                          D0, D1, D2, K0, K1, K2)
+            r = rpb_q[:, None] + halo_flat(u0, u1, u2, 2 * K1 - 1, 2 * K2 - 1)[None, :]
             s += tl.load(rpb_row + r, mask=mask, other=0.0).to(tl.float32) * 1.4426950408889634
         s = tl.where(mask, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -100,7 +100,7 @@ def _na_fwd_kernel(
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
     o_off = b * sob + i0 * so0 + i1 * so1 + i2 * so2 + h * soh
-    tl.store(o_ptr + o_off[:, None] + dim[None, :] * sod, out.to(o_ptr.dtype.element_ty),
+    tl.store((o_ptr + o_off)[:, None] + (dim * sod)[None, :], out.to(o_ptr.dtype.element_ty),
              mask=q_valid[:, None] & d_valid[None, :])
     lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
     l_off = b * slb + i0 * sl0 + i1 * sl1 + i2 * sl2 + h * slh

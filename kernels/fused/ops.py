@@ -1,9 +1,13 @@
-"""The fused kernels as ``dinat::`` custom ops (``torch.library.triton_op``) with autograd.
+"""The fused kernels as ``dinat::`` custom ops with autograd.
 
 ``dinat::na_fused_fwd`` returns ``(out, lse)``; ``dinat::na_fused_bwd`` returns ``(dq, dk, dv,
-drpb)``. Because the kernels are launched through ``wrap_triton``, ``torch.compile`` traces into
-them (no graph break). On CPU they run through the Triton interpreter when ``TRITON_INTERPRET=1``,
-otherwise they fall back to ``kernels.reference`` so the ops work everywhere.
+drpb)``. Normally they are ``torch.library.triton_op``s: kernels launched through ``wrap_triton``,
+so ``torch.compile`` traces into them (no graph break, Inductor sees the kernels). On CPU without
+the interpreter the same functions fall back to ``kernels.reference``.
+
+Under ``TRITON_INTERPRET=1`` ``wrap_triton`` launches eagerly even on fake tensors, so the ops are
+registered as opaque ``torch.library.custom_op``s with explicit fake (shape) functions instead;
+``torch.compile(fullgraph=True)`` then keeps them as single graph nodes that run the interpreter.
 """
 
 from __future__ import annotations
@@ -67,7 +71,34 @@ def _params(kernel_size, dilation, is_causal) -> NAParams:
     return NAParams(tuple(kernel_size), tuple(dilation), tuple(bool(c) for c in is_causal))
 
 
-@triton_op("dinat::na_fused_fwd", mutates_args=())
+def _register(name: str, fake):
+    """``triton_op`` normally; an opaque ``custom_op`` + ``fake`` under the interpreter."""
+
+    def wrap(fn):
+        if not config.interpreted():
+            return triton_op(name, mutates_args=())(fn)
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        op.register_fake(fake)
+        return op
+
+    return wrap
+
+
+def _fwd_fake(query, key, value, rpb, kernel_size, dilation, is_causal, scale):
+    return (torch.empty(query.shape, dtype=query.dtype, device=query.device),
+            torch.empty(query.shape[:-1], dtype=torch.float32, device=query.device))
+
+
+def _bwd_fake(grad_out, grad_lse, query, key, value, rpb, out, lse, kernel_size, dilation, is_causal, scale):
+    grads = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (query, key, value)]
+    if rpb is not None:
+        grads.append(torch.empty(rpb.shape, dtype=rpb.dtype, device=rpb.device))
+    else:
+        grads.append(torch.empty(0, dtype=query.dtype, device=query.device))
+    return tuple(grads)
+
+
+@_register("dinat::na_fused_fwd", _fwd_fake)
 def na_fused_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rpb: Optional[torch.Tensor],
                  kernel_size: List[int], dilation: List[int], is_causal: List[bool],
                  scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +117,7 @@ def na_fused_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rp
     return out, lse
 
 
-@triton_op("dinat::na_fused_bwd", mutates_args=())
+@_register("dinat::na_fused_bwd", _bwd_fake)
 def na_fused_bwd(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], query: torch.Tensor, key: torch.Tensor,
                  value: torch.Tensor, rpb: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
                  kernel_size: List[int], dilation: List[int], is_causal: List[bool],
@@ -122,29 +153,33 @@ def na_fused_bwd(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], query
     )
     if has_rpb:
         # Fixed-order sum over (tile, batch): deterministic, unlike atomics.
-        drpb = partial.sum(dim=(0, 1))[:, : p.num_rel].reshape(rpb.shape).to(rpb.dtype)
+        drpb = partial.sum(dim=(0, 1))[:, : p.num_rel].reshape(rpb.shape).to(rpb.dtype).contiguous()
     else:
         drpb = torch.empty(0, dtype=query.dtype, device=query.device)
     return dq, dk, dv, drpb
 
 
 def _reference_bwd(grad_out, grad_lse, query, key, value, rpb, kernel_size, dilation, is_causal, scale):
-    """CPU without the interpreter: differentiate the reference (same maths, O(N*K*D) memory)."""
-    inputs = [x.detach().requires_grad_() for x in (query, key, value)]
-    if rpb is not None:
-        inputs.append(rpb.detach().requires_grad_())
-    with torch.enable_grad():
-        out, lse = reference.na(*inputs[:3], _params(kernel_size, dilation, is_causal),
-                                inputs[3] if rpb is not None else None, scale, True)
-        outputs, grads = [out], [grad_out]
-        if grad_lse is not None:
-            outputs.append(lse)
-            grads.append(grad_lse)
-        result = torch.autograd.grad(outputs, inputs, grads, allow_unused=True)
-    result = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, result)]
+    """CPU without the interpreter: differentiate the reference (same maths, O(N*K*D) memory).
+
+    ``torch.func.vjp`` rather than ``torch.autograd.grad``: a custom op's body runs below the
+    autograd dispatch key, where plain autograd records nothing.
+    """
+    params = _params(kernel_size, dilation, is_causal)
+    inputs = (query, key, value) + ((rpb,) if rpb is not None else ())
+
+    def forward(q, k, v, *bias):
+        return reference.na(q, k, v, params, bias[0] if bias else None, scale, True)
+
+    _, vjp = torch.func.vjp(forward, *inputs)
+    grads = list(vjp((grad_out, grad_lse if grad_lse is not None else torch.zeros_like(_lse_like(query)))))
     if rpb is None:
-        result.append(torch.empty(0, dtype=query.dtype, device=query.device))
-    return tuple(result)
+        grads.append(torch.empty(0, dtype=query.dtype, device=query.device))
+    return tuple(grads)
+
+
+def _lse_like(query: torch.Tensor) -> torch.Tensor:
+    return torch.empty(query.shape[:-1], dtype=torch.float32, device=query.device)
 
 
 def _setup_context(ctx, inputs, output):
