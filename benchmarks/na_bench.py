@@ -532,6 +532,8 @@ def parse_args(argv=None):
     parser.add_argument("--warmup-ms", type=int, default=25, help="CUDA: do_bench warm-up")
     parser.add_argument("--rep-ms", type=int, default=100, help="CUDA: do_bench measuring time")
     parser.add_argument("--repeats", type=int, default=5, help="CPU: timed calls per case")
+    parser.add_argument("--cpu-threads", type=int, default=None,
+                        help="CPU: torch.set_num_threads (1 gives steadier times on a shared machine)")
     parser.add_argument("--out", default=None, help="write the markdown table here")
     parser.add_argument("--plot", default=None, help="write a bar chart (PNG) here")
     args = parser.parse_args(argv)
@@ -543,6 +545,8 @@ def parse_args(argv=None):
 def main(argv=None) -> list[Result]:
     args, parser = parse_args(argv)
     device = torch.device(args.device)
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
 
     shapes = preset_shapes(args.preset, args.batch)
