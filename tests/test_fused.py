@@ -88,6 +88,8 @@ def test_float16_matches_reference(p):
     Problem(1, (4, 40), 2, 8, (2, 4), (1, 2), (False, True), False),
     # 3-D, per-axis dilation, RPB.
     Problem(1, (6, 5, 7), 1, 16, (3, 3, 3), (2, 1, 2), (False, False, False), True),
+    # A window with more relative positions (9*9*5 = 405) than one dRPB chunk (256) holds.
+    Problem(1, (5, 6, 4), 1, 8, (5, 5, 3), (1, 1, 1), (False, False, False), True),
     # 1-D, long enough for three tiles.
     Problem(2, (150,), 1, 16, (9,), (3,), (False,), True),
 ])
@@ -195,13 +197,16 @@ def test_unavailable_reason():
     assert "CUDA" in fused.unavailable_reason(torch.device("meta"))
 
 
-def test_rejects_float64_and_huge_heads():
+def test_rejects_float64_huge_heads_and_huge_grids():
     x = torch.randn(1, 8, 1, 16, dtype=torch.float64, device=DEVICE)
     with pytest.raises(TypeError, match="float64"):
         kernels.na1d(x, x, x, 3, backend="fused")
     x = torch.randn(1, 8, 1, fused.MAX_HEAD_DIM + 1, device=DEVICE)
     with pytest.raises(ValueError, match="head_dim"):
         kernels.na1d(x, x, x, 3, backend="fused")
+    x = torch.randn(fused.MAX_BATCH_HEADS + 1, 2, 1, 1, device=DEVICE)
+    with pytest.raises(ValueError, match="batch \\* heads"):
+        kernels.na1d(x, x, x, 2, backend="fused")
 
 
 def test_tile_shape_heuristic():

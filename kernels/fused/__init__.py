@@ -22,6 +22,8 @@ __all__ = ["na", "unavailable_reason", "MAX_HEAD_DIM"]
 
 # Bigger heads would not fit a tile's q/acc/dq blocks in registers.
 MAX_HEAD_DIM = 256
+# batch * heads is a CUDA grid axis other than the first, limited to 65535 programs.
+MAX_BATCH_HEADS = 65535
 
 try:
     from . import ops as _ops
@@ -51,6 +53,9 @@ def na(query, key, value, params: NAParams, rpb, scale: float, return_lse: bool)
                         "or backend='reference')")
     if query.shape[-1] > MAX_HEAD_DIM:
         raise ValueError(f"backend='fused': head_dim must be <= {MAX_HEAD_DIM}; got {query.shape[-1]}")
+    if query.shape[0] * query.shape[-2] > MAX_BATCH_HEADS:
+        raise ValueError(f"backend='fused': batch * heads must be <= {MAX_BATCH_HEADS}; got "
+                         f"{query.shape[0]} * {query.shape[-2]} (split the batch)")
     out, lse = _ops.na_fused_fwd(query, key, value, rpb, list(params.kernel_size), list(params.dilation),
                                  list(params.is_causal), float(scale))
     return (out, lse) if return_lse else out
