@@ -1,0 +1,238 @@
+"""train.py / training package on CPU: configs, a short run, exact resume, preemption, DDP, wandb, errors.
+
+Everything runs on a tiny synthetic image folder (built here) with a tiny DiNAT at 32x32.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+import models  # noqa: F401  (registers the DiNAT family in timm)
+from training import PREEMPTED_EXIT_CODE, PreemptionHandler, train
+from training.checkpoint import load
+from training.config import check_train
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+NUM_CLASSES = 3
+
+# A DiNAT with DiNAT's structure at toy size: feature maps 8, 4, 2, 1 for 32x32 inputs.
+TINY_MODEL = ["model=dinat_nano", "model.kwargs.embed_dim=16", "model.kwargs.depths=[1,1,2,1]",
+              "model.kwargs.num_heads=[1,2,4,8]", "model.kwargs.dilations=[[1],[1],[1,2],[1]]"]
+
+
+def make_image_folder(root: Path, per_class_train: int = 8, per_class_val: int = 4, size: int = 32) -> Path:
+    """Classes that differ in where a bright square sits, plus noise: learnable, but not instantly."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class_train), ("val", per_class_val)):
+        for c in range(NUM_CLASSES):
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
+                y0 = 4 + 8 * c
+                img[y0:y0 + 8, 10:22] = 220
+                Image.fromarray(img).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+def train_overrides(data_root: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["data=imagenet", f"data.root={data_root}", f"data.num_classes={NUM_CLASSES}", "data.img_size=32",
+            "data.crop_pct=1.0", *TINY_MODEL, "batch_size=4", "workers=0", "device=cpu", "amp=none",
+            "sched.epochs=2", "sched.warmup_epochs=1", "optim.lr=1e-3", "progress_bar=false",
+            "data.aug.auto_augment=rand-m9-mstd0.5-inc1", "data.aug.re_prob=0.25",  # exercise the RNG paths
+            f"run_dir={run_dir}", *extra]
+
+
+def compose_train(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def model_state(path: Path) -> dict:
+    return load(path)["model"]
+
+
+# ------------------------------------------------------------------------------------------- configs
+def tiny_kwargs(name: str) -> dict:
+    if "isotropic" in name or name.startswith("vitrpb"):
+        kwargs = dict(img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2)
+        if not name.startswith("vitrpb"):
+            kwargs.update(kernel_size=3, dilations=(1, 1))
+        return kwargs
+    return dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), kernel_size=3,
+                dilations=((1,), (1,), (1, 2), (1,)))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_config_composes_checks_and_builds(experiment):
+    cfg = compose_train([f"experiment={experiment}", "data.root=/data/imagenet", "finetune_from=/w/in22k.pth"])
+    check_train(cfg)
+    assert cfg.name == experiment and cfg.data.num_classes == 1000
+    assert cfg.model.name == cfg.model.variant and timm.is_model(cfg.model.name)
+    assert cfg.optim.name == "adamw" and cfg.optim.kwargs.eps == 1e-8
+    if "ft_in1k" in experiment:  # the authors' DiNAT-Large fine-tuning
+        assert (cfg.optim.lr, cfg.sched.epochs, cfg.data.aug.mixup, cfg.data.aug.cutmix) == (5e-5, 30, 0.0, 0.0)
+        assert cfg.optim.weight_decay == (1e-10 if experiment.endswith("384") else 1e-4)
+        assert cfg.data.img_size == (384 if experiment.endswith("384") else 224)
+    else:
+        assert (cfg.optim.lr, cfg.optim.lr_base_batch_size, cfg.batch_size) == (1e-3, 1024, 128)
+        assert (cfg.sched.epochs, cfg.sched.cooldown_epochs, cfg.sched.warmup_lr, cfg.sched.min_lr) == (300, 10, 1e-6, 5e-6)
+        assert cfg.optim.weight_decay == 0.05 and cfg.clip_grad == 5.0 and cfg.label_smoothing == 0.1
+        aug = cfg.data.aug
+        assert (aug.auto_augment, aug.re_prob, aug.re_mode, aug.color_jitter) == ("rand-m9-mstd0.5-inc1", 0.25, "pixel", 0.4)
+        assert (aug.mixup, aug.cutmix, aug.mixup_switch_prob, cfg.data.crop_pct) == (0.8, 1.0, 0.5, 0.875)
+        isotropic_base = experiment.endswith("base_in1k") and ("isotropic" in experiment or "vitrpb" in experiment)
+        assert cfg.ema.enabled == isotropic_base
+        assert cfg.sched.warmup_epochs == (50 if isotropic_base else 20)
+        if isotropic_base:
+            assert cfg.ema.decay == 0.9998
+    model = timm.create_model(cfg.model.name, num_classes=10, **tiny_kwargs(cfg.model.name))
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_every_registered_variant_has_a_model_config():
+    names = {p.stem for p in (CONFIGS / "model").glob("*.yaml")}
+    variants = set(timm.list_models(["nat_*", "dinat_*", "vitrpb_*"]))
+    assert variants - {"dinat_nano"} <= names, variants - names
+    for stem in names:
+        cfg = compose_train([f"model={stem}"])
+        assert timm.is_model(cfg.model.name), stem
+
+
+# ------------------------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def uninterrupted_run(image_folder, tmp_path_factory) -> dict:
+    run_dir = tmp_path_factory.mktemp("run_a")
+    summary = train(compose_train(train_overrides(image_folder, run_dir)))
+    return {"summary": summary, "run_dir": run_dir}
+
+
+def test_short_run_writes_checkpoints_and_metrics(uninterrupted_run):
+    summary, run_dir = uninterrupted_run["summary"], uninterrupted_run["run_dir"]
+    assert summary["preempted"] is None and summary["epochs"] == 2
+    last, best = run_dir / "checkpoints" / "last.pt", run_dir / "checkpoints" / "best.pt"
+    assert Path(summary["checkpoint"]) == last and last.is_file() and best.is_file()
+    state = torch.load(last, weights_only=True)  # loadable without unpickling code
+    assert state["position"] == {"epoch": 2, "batches_done": 0, "update": 2 * 6}  # 24 images / batch 4
+    for key in ("model", "optimizer", "scheduler", "scaler", "rng", "config", "best", "metrics"):
+        assert state[key] is not None, key
+    assert state["config"]["data"]["root"] == summary["run_dir"] or state["config"]["batch_size"] == 4
+    metrics = summary["metrics"]
+    assert 0.0 <= metrics["val/top1"] <= 100.0 and np.isfinite(metrics["val/loss"])
+    assert metrics["val/top1"] == state["metrics"]["val/top1"]
+    assert not list(run_dir.glob("checkpoints/.*tmp*"))  # no temporary files left behind
+
+
+def test_preemption_signal_saves_and_resume_is_bit_identical(uninterrupted_run, image_folder, tmp_path):
+    """SIGUSR1 mid-epoch 2 -> checkpoint -> resume=auto in a new call -> same weights as never stopping."""
+    overrides = train_overrides(image_folder, tmp_path)
+
+    def preempt_at_update_8(pos):
+        if pos.update == 8:
+            os.kill(os.getpid(), signal.SIGUSR1)  # a real signal, handled like a cluster's preemption
+
+    stopped = train(compose_train(overrides), on_update=preempt_at_update_8)
+    assert stopped["preempted"] == "SIGUSR1"
+    state = load(tmp_path / "checkpoints" / "last.pt")
+    # noticed at the next update boundary (the stop flag is read before on_update runs)
+    assert state["position"] == {"epoch": 1, "batches_done": 3, "update": 9}
+
+    resumed = train(compose_train(overrides))  # resume=auto is the default
+    assert resumed["preempted"] is None
+    expected = model_state(uninterrupted_run["run_dir"] / "checkpoints" / "last.pt")
+    got = model_state(tmp_path / "checkpoints" / "last.pt")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    assert resumed["metrics"]["val/top1"] == uninterrupted_run["summary"]["metrics"]["val/top1"]
+
+
+def test_handler_passes_signal_on_to_previous_handler_then_exits():
+    calls = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
+    try:
+        handler = PreemptionHandler(["SIGUSR2"]).install()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert handler.requested and not calls  # ours only records it
+        with pytest.raises(SystemExit) as exit_info:
+            handler.exit()
+        assert calls == [signal.SIGUSR2] and exit_info.value.code == PREEMPTED_EXIT_CODE
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
+def test_nonfinite_loss_stops_without_writing_a_checkpoint(image_folder, tmp_path):
+    cfg = compose_train(train_overrides(image_folder, tmp_path, "optim.lr=1e30", "sched.warmup_epochs=0",
+                                        "label_smoothing=0.0"))
+    with pytest.raises(FloatingPointError, match="not finite"):
+        train(cfg)
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()
+
+
+def test_wandb_offline_run_directory(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = compose_train(train_overrides(image_folder, tmp_path, "logger=wandb", "logger.mode=offline",
+                                        "sched.epochs=1", "sched.warmup_epochs=0"))
+    train(cfg)
+    run_id = load(tmp_path / "checkpoints" / "last.pt")["wandb_run_id"]
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert run_id and [r.name.endswith(run_id) for r in runs] == [True]
+
+
+# ------------------------------------------------------------------------------------------- errors
+def test_bad_values_and_missing_dataset_give_clear_errors(image_folder, tmp_path):
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        train(compose_train(train_overrides(image_folder, tmp_path, "batch_size=0")))
+    with pytest.raises(ValueError, match="amp must be one of"):
+        train(compose_train(train_overrides(image_folder, tmp_path, "amp=fp8")))
+    with pytest.raises(ValueError, match="batch_size must be even"):
+        train(compose_train(train_overrides(image_folder, tmp_path, "batch_size=3", "data.aug.mixup=0.8")))
+    with pytest.raises(FileNotFoundError, match="data.root='/no/such/dataset' does not exist"):
+        train(compose_train(train_overrides(Path("/no/such/dataset"), tmp_path)))
+    with pytest.raises(FileNotFoundError, match="has no 'train' entry"):
+        train(compose_train(train_overrides(image_folder / "train", tmp_path)))
+    with pytest.raises(Exception, match="data.root"):  # data=imagenet without data.root
+        train(compose_train(["data=imagenet", "device=cpu"]))
+
+
+def test_unknown_config_key_is_rejected_by_name():
+    out = subprocess.run([sys.executable, "train.py", "no_such_key=1"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0
+    assert "no_such_key" in out.stderr and "not in struct" in out.stderr
+
+
+# ------------------------------------------------------------------------------------------- DDP
+def test_two_process_ddp_on_gloo_trains_and_replicas_agree(image_folder, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           *train_overrides(image_folder, tmp_path, "sched.epochs=1", "sched.warmup_epochs=0", "batch_size=2"),
+           f"hydra.run.dir={tmp_path}"]
+    cmd.remove(f"run_dir={tmp_path}")  # train.yaml's run_dir follows hydra.run.dir
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    logs = out.stdout + out.stderr + (tmp_path / "train.log").read_text()
+    assert "the weights of all 2 replicas agree" in logs
+    state = load(tmp_path / "checkpoints" / "last.pt")
+    assert state["world_size"] == 2 and len(state["rng"]["current"]) == 2
+    # 24 images / (2 processes x batch 2) = 6 updates in the epoch
+    assert state["position"] == {"epoch": 1, "batches_done": 0, "update": 6}

@@ -1,0 +1,18 @@
+"""Training and evaluation logic behind train.py and eval.py (Hydra configs in configs/).
+
+- data:        datasets/transforms/loaders from timm; the digits demo set
+- model:       timm.create_model with the project's models registered
+- loop:        one training epoch, one evaluation pass
+- trainer:     the whole training run (resume, checkpoints, preemption, logging)
+- evaluator:   eval.py's accuracy and throughput measurement
+- checkpoint:  atomic saves, weights_only loads, RNG capture
+- distributed: torchrun / SLURM process groups
+- preemption:  signal -> checkpoint -> exit (and submitit requeue)
+- tracking:    wandb or nothing
+"""
+
+from .evaluator import run_eval
+from .preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
+from .trainer import train
+
+__all__ = ["train", "run_eval", "PreemptionHandler", "PREEMPTED_EXIT_CODE"]
