@@ -1,0 +1,104 @@
+"""Host-side helpers shared by the unfused kernels: 3-D padding of the geometry, strides, configs.
+
+Every kernel is written once for three spatial axes. A 1-D or 2-D problem is run as a 3-D one whose
+leading axes have length 1, kernel size 1 and dilation 1: with ``k = 1`` the window rule of
+``kernels.triton_geometry`` gives every such axis the single slot ``j = i = 0``, so the padded axes
+change neither the neighbour order (row-major, axis 0 slowest) nor the RPB index.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from ..geometry import NAParams
+
+# Head-dim lanes handled per step; larger head dims loop over chunks of this many lanes (the
+# padded lanes of the last chunk are masked), so the register tile never exceeds BLOCK_N x 64.
+MAX_BLOCK_D = 64
+
+
+def interpreter_enabled() -> bool:
+    """Whether Triton runs kernels through its CPU interpreter (read at call time)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class Geometry3:
+    """An NA problem padded to three spatial axes (padded axes first)."""
+
+    spatial: tuple[int, int, int]
+    kernel_size: tuple[int, int, int]
+    dilation: tuple[int, int, int]
+    is_causal: tuple[bool, bool, bool]
+    ndim: int  # the real number of spatial axes
+
+    @property
+    def num_tokens(self) -> int:
+        return math.prod(self.spatial)
+
+    @property
+    def num_slots(self) -> int:
+        return math.prod(self.kernel_size)
+
+    @property
+    def rpb_bins(self) -> int:
+        return math.prod(2 * k - 1 for k in self.kernel_size)
+
+    def kernel_args(self) -> dict:
+        """Keyword arguments every kernel takes, in their kernel names."""
+        (l0, l1, l2), (k0, k1, k2) = self.spatial, self.kernel_size
+        (d0, d1, d2), (c0, c1, c2) = self.dilation, self.is_causal
+        return dict(L0=l0, L1=l1, L2=l2, dil0=d0, dil1=d1, dil2=d2,
+                    K0=k0, K1=k1, K2=k2, CAUSAL0=c0, CAUSAL1=c1, CAUSAL2=c2)
+
+
+def geometry3(spatial, params: NAParams) -> Geometry3:
+    pad = 3 - len(spatial)
+    return Geometry3(
+        spatial=(1,) * pad + tuple(int(s) for s in spatial),
+        kernel_size=(1,) * pad + tuple(params.kernel_size),
+        dilation=(1,) * pad + tuple(params.dilation),
+        is_causal=(False,) * pad + tuple(params.is_causal),
+        ndim=len(spatial),
+    )
+
+
+INT32_MAX = 2**31 - 1
+
+
+def strides6(x: torch.Tensor) -> tuple[int, int, int, int, int, int]:
+    """Strides ``(batch, axis0, axis1, axis2, heads, last)`` of a ``[B, *spatial, H, X]`` tensor.
+
+    Padded spatial axes get stride 0 (their only index is 0). Any strides work, so views such as
+    ``qkv.unbind(-3)`` and expanded gradients are read in place, without a copy. The kernels add
+    the batch and head offsets in int64 but the offsets inside one (batch, head) slice in int32.
+    """
+    s = x.stride()
+    span = sum((size - 1) * abs(stride) for size, stride in zip(x.shape[1:], s[1:]))
+    if span > INT32_MAX:
+        raise ValueError(
+            f"backend='unfused': one batch element of a {tuple(x.shape)} tensor spans {span} elements; "
+            f"the kernels index within a batch element in int32 (at most {INT32_MAX})"
+        )
+    spatial = s[1:-2]
+    return (s[0], *((0,) * (3 - len(spatial))), *spatial, s[-2], s[-1])
+
+
+def block_d(head_dim: int) -> int:
+    return min(triton.next_power_of_2(head_dim), MAX_BLOCK_D)
+
+
+def row_configs() -> list[triton.Config]:
+    """Autotune candidates for the kernels that tile queries/keys in rows of ``BLOCK_N``.
+
+    The tile size only changes how work is split, never the order of any sum, so every config
+    gives bit-identical results. The interpreter gets one large tile (fewer Python-level programs).
+    """
+    if interpreter_enabled():
+        return [triton.Config({"BLOCK_N": 256}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": bn}, num_warps=w) for bn in (32, 64, 128) for w in (4, 8)]

@@ -1,0 +1,183 @@
+"""Window dot products: the QK(+RPB) forward, d(attn) of the AV backward, and dRPB.
+
+``window_dot``: ``out[b, i, h, t] = scale * <x[b, i, h], y[b, nb(i, t), h]> (+ rpb[h, rel(i, t)])``
+for every query ``i`` and window slot ``t``; unused causal slots get ``-inf`` (logits) or ``0``
+(gradients). QK forward is ``x = query, y = key``; the AV backward's d(attn) is
+``x = grad_out, y = value``.
+
+``rpb_grad``: ``drpb[h, r] = sum over (b, i, t) with rel(i, t) = r of g[b, i, h, t]``, one program
+per (bin, head) summing in a fixed order: deterministic, no atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from .. import triton_geometry as tg
+from .common import Geometry3, block_d, row_configs, strides6
+
+
+@triton.jit
+def split_index(n, L1, L2):
+    """Row-major flat token index -> (axis 0, axis 1, axis 2) coordinates."""
+    i2 = n % L2
+    i1 = (n // L2) % L1
+    i0 = n // (L1 * L2)
+    return i0, i1, i2
+
+
+@triton.jit
+def rpb_bin(i0, i1, i2, j0, j1, j2, dil0, dil1, dil2, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr):
+    """Flat index into ``rpb[h].view(-1)`` of key ``j`` for query ``i``."""
+    r0 = tg.rpb_offset(i0, j0, K0, dil0)
+    r1 = tg.rpb_offset(i1, j1, K1, dil1)
+    r2 = tg.rpb_offset(i2, j2, K2, dil2)
+    return (r0 * (2 * K1 - 1) + r1) * (2 * K2 - 1) + r2
+
+
+@triton.autotune(configs=row_configs(), key=["N", "HEAD_DIM", "K0", "K1", "K2"])
+@triton.jit
+def _window_dot_kernel(
+    x_ptr, y_ptr, rpb_ptr, out_ptr,
+    x_sb, x_s0, x_s1, x_s2, x_sh, x_sd,
+    y_sb, y_s0, y_s1, y_s2, y_sh, y_sd,
+    o_sb, o_s0, o_s1, o_s2, o_sh, o_sk,
+    L0, L1, L2, dil0, dil1, dil2, N, heads, scale,
+    HEAD_DIM: tl.constexpr,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+    CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr,
+    HAS_RPB: tl.constexpr, FILL_NEG_INF: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = (pid_bh % heads).to(tl.int64)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < N
+    i0, i1, i2 = split_index(n, L1, L2)
+    start0 = tg.window_start(i0, L0, K0, dil0, CAUSAL0)
+    start1 = tg.window_start(i1, L1, K1, dil1, CAUSAL1)
+    start2 = tg.window_start(i2, L2, K2, dil2, CAUSAL2)
+    x_rows = x_ptr + b * x_sb + h * x_sh + (i0 * x_s0 + i1 * x_s1 + i2 * x_s2)
+    y_base = y_ptr + b * y_sb + h * y_sh
+    o_rows = out_ptr + b * o_sb + h * o_sh + (i0 * o_s0 + i1 * o_s1 + i2 * o_s2)
+    lanes = tl.arange(0, BLOCK_D)
+    if HEAD_DIM <= BLOCK_D:  # one chunk: load the query rows once, not once per slot
+        x_mask = n_mask[:, None] & (lanes < HEAD_DIM)[None, :]
+        x_tile = tl.load(x_rows[:, None] + lanes[None, :] * x_sd, mask=x_mask, other=0.0).to(tl.float32)
+    for t in range(K0 * K1 * K2):
+        j0 = start0 + (t // (K1 * K2)) * dil0
+        j1 = start1 + ((t // K2) % K1) * dil1
+        j2 = start2 + (t % K2) * dil2
+        used = tg.slot_valid(i0, j0, CAUSAL0) & tg.slot_valid(i1, j1, CAUSAL1) & tg.slot_valid(i2, j2, CAUSAL2)
+        y_rows = y_base + (j0 * y_s0 + j1 * y_s1 + j2 * y_s2)
+        if HEAD_DIM <= BLOCK_D:
+            yv = tl.load(y_rows[:, None] + lanes[None, :] * y_sd, mask=x_mask & used[:, None], other=0.0)
+            acc = tl.sum(x_tile * yv.to(tl.float32), axis=1)
+        else:
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for d0 in range(0, HEAD_DIM, BLOCK_D):
+                d = d0 + lanes
+                tile_mask = n_mask[:, None] & (d < HEAD_DIM)[None, :]
+                xv = tl.load(x_rows[:, None] + d[None, :] * x_sd, mask=tile_mask, other=0.0).to(tl.float32)
+                yv = tl.load(y_rows[:, None] + d[None, :] * y_sd, mask=tile_mask & used[:, None], other=0.0)
+                acc += tl.sum(xv * yv.to(tl.float32), axis=1)
+        acc = acc * scale
+        if HAS_RPB:
+            r = rpb_bin(i0, i1, i2, j0, j1, j2, dil0, dil1, dil2, K0, K1, K2)
+            bias = tl.load(rpb_ptr + h * ((2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)) + r, mask=n_mask, other=0.0)
+            acc += bias.to(tl.float32)
+        if FILL_NEG_INF:
+            acc = tl.where(used, acc, float("-inf"))
+        else:
+            acc = tl.where(used, acc, 0.0)
+        tl.store(o_rows + t * o_sk, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+def window_dot(x: torch.Tensor, y: torch.Tensor, rpb: torch.Tensor | None, geo: Geometry3, scale: float,
+               fill_neg_inf: bool, out: torch.Tensor) -> torch.Tensor:
+    """Fill ``out`` ``[B, *spatial, H, K]`` with the window dot products (see module doc)."""
+    batch, heads, head_dim = x.shape[0], x.shape[-2], x.shape[-1]
+    n = geo.num_tokens
+    if out.numel() == 0:
+        return out
+    rpb_arg = rpb.contiguous() if rpb is not None else x  # any pointer when HAS_RPB is off
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]), batch * heads)
+
+    wrap_triton(_window_dot_kernel)[grid](
+        x, y, rpb_arg, out, *strides6(x), *strides6(y), *strides6(out),
+        N=n, heads=heads, scale=float(scale), HEAD_DIM=head_dim, HAS_RPB=rpb is not None,
+        FILL_NEG_INF=fill_neg_inf, BLOCK_D=block_d(head_dim), **geo.kernel_args(),
+    )
+    return out
+
+
+# Fixed tiles (never autotuned): they fix the order in which every bin is summed.
+RPB_GRAD_BLOCK_M = 64  # queries per step
+RPB_GRAD_MAX_BLOCK_R = 64  # bins per program
+RPB_GRAD_QUERIES_PER_SPLIT = 8192  # queries each program sums before its partial is stored
+
+
+@triton.jit
+def _rpb_grad_kernel(
+    g_ptr, partial_ptr,
+    g_sb, g_s0, g_s1, g_s2, g_sh, g_sk,
+    L0, L1, L2, dil0, dil1, dil2, N, total, chunk, heads,
+    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+    CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Partial dRPB of one head over one chunk of (batch, query) rows, for BLOCK_R bins."""
+    num_bins = (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = r < num_bins
+    r2 = r % (2 * K2 - 1)
+    r1 = (r // (2 * K2 - 1)) % (2 * K1 - 1)
+    r0 = r // ((2 * K1 - 1) * (2 * K2 - 1))
+    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    m_begin = split * chunk
+    for m0 in range(m_begin, m_begin + chunk, BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = m < total
+        b = (m // N).to(tl.int64)
+        i0, i1, i2 = split_index(m % N, L1, L2)
+        # Slot t of query i has bin rpb_offset(i, start) + t per axis, so bin r sits in slot r - that.
+        t0 = r0[None, :] - tg.rpb_offset(i0, tg.window_start(i0, L0, K0, dil0, CAUSAL0), K0, dil0)[:, None]
+        t1 = r1[None, :] - tg.rpb_offset(i1, tg.window_start(i1, L1, K1, dil1, CAUSAL1), K1, dil1)[:, None]
+        t2 = r2[None, :] - tg.rpb_offset(i2, tg.window_start(i2, L2, K2, dil2, CAUSAL2), K2, dil2)[:, None]
+        hit = (m_mask[:, None] & r_mask[None, :] & (t0 >= 0) & (t0 < K0) & (t1 >= 0) & (t1 < K1)
+               & (t2 >= 0) & (t2 < K2))
+        t = (t0 * K1 + t1) * K2 + t2
+        rows = b * g_sb + h.to(tl.int64) * g_sh + (i0 * g_s0 + i1 * g_s1 + i2 * g_s2)
+        acc += tl.load(g_ptr + rows[:, None] + t * g_sk, mask=hit, other=0.0).to(tl.float32)
+    tl.store(partial_ptr + (split * heads + h) * num_bins + r, tl.sum(acc, axis=0), mask=r_mask)
+
+
+def rpb_grad(grad_logits: torch.Tensor, geo: Geometry3) -> torch.Tensor:
+    """dRPB ``[H, *(2k-1)]`` in float32 from the logits gradient ``[B, *spatial, H, K]``.
+
+    Programs sum fixed chunks of (batch, query) rows into partials ``[splits, H, bins]``, which are
+    then added in split order: deterministic, no atomics.
+    """
+    batch, heads = grad_logits.shape[0], grad_logits.shape[-2]
+    bins = tuple(2 * k - 1 for k in geo.kernel_size[3 - geo.ndim:])
+    total = batch * geo.num_tokens
+    splits = max(1, min(triton.cdiv(total, RPB_GRAD_QUERIES_PER_SPLIT), 128))
+    chunk = triton.cdiv(triton.cdiv(total, splits), RPB_GRAD_BLOCK_M) * RPB_GRAD_BLOCK_M
+    partial = torch.empty((splits, heads, geo.rpb_bins), dtype=torch.float32, device=grad_logits.device)
+    if partial.numel() == 0:
+        return partial.new_zeros((heads, *bins))
+    block_r = min(triton.next_power_of_2(geo.rpb_bins), RPB_GRAD_MAX_BLOCK_R)
+    grid = (triton.cdiv(geo.rpb_bins, block_r), heads, splits)
+    wrap_triton(_rpb_grad_kernel)[grid](
+        grad_logits, partial, *strides6(grad_logits), N=geo.num_tokens, total=total, chunk=chunk,
+        heads=heads, BLOCK_M=RPB_GRAD_BLOCK_M, BLOCK_R=block_r, **geo.kernel_args(),
+    )
+    return partial.sum(0).reshape(heads, *bins)
