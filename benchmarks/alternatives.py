@@ -107,16 +107,16 @@ class FlexNA:
         return in_window
 
     def _score_mod_for(self, rpb: torch.Tensor) -> Callable:
-        bias = rpb.reshape(rpb.shape[0], -1)  # [H, prod(2k-1)], row-major like rpb_index below
         axes = self.axes
 
         def add_rpb(score, b, h, q_idx, kv_idx):
-            flat = None
+            # Index rpb [H, 2k-1, ...] per axis, not a reshaped view: the captured tensor stays the
+            # leaf whose gradient FlexAttention's backward scatters into.
+            index = []
             for axis in axes:
                 i, slot, _ = axis.slot(q_idx, kv_idx)
-                index = axis.rpb_index[i, axis.clamped(slot)]
-                flat = index if flat is None else flat * (2 * axis.kernel_size - 1) + index
-            return score + bias[h, flat]
+                index.append(axis.rpb_index[i, axis.clamped(slot)])
+            return score + rpb[(h, *index)]
 
         return add_rpb
 

@@ -326,7 +326,10 @@ def run_benchmark(shapes: Sequence[Shape], candidates: Sequence[str], modes: Seq
     for index, shape in enumerate(shapes):
         check_this = args.check == "all" or (args.check == "first" and index == 0)
         if "flex" in candidates and device.type == "cuda":
-            torch._dynamo.reset()  # every shape compiles its own masks; don't hit the recompile limit
+            # Every shape compiles its own masks (and every new rpb leaf its own score_mod): start
+            # each shape with an empty cache, so dynamo never hits its recompile limit and silently
+            # falls back to eager (dense) flex_attention.
+            torch._dynamo.reset()
         inputs = make_inputs(shape, device, dtype, seed=index)
         built: dict[str, Callable] = {}
         for mode in modes:
