@@ -22,9 +22,20 @@ from ..geometry import NAParams
 MAX_BLOCK_D = 64
 
 
-def interpreter_enabled() -> bool:
-    """Whether Triton runs kernels through its CPU interpreter (read at call time)."""
+def _interpret_env() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ``triton.jit`` picks the interpreter when a kernel is defined, i.e. when this package is imported.
+_INTERPRETED_KERNELS = _interpret_env()
+
+
+def interpreter_enabled() -> bool:
+    """Whether this package's kernels run through Triton's CPU interpreter.
+
+    True only if ``TRITON_INTERPRET=1`` was set when the kernels were defined and still is.
+    """
+    return _INTERPRETED_KERNELS and _interpret_env()
 
 
 @dataclass(frozen=True)
@@ -99,6 +110,6 @@ def row_configs() -> list[triton.Config]:
     The tile size only changes how work is split, never the order of any sum, so every config
     gives bit-identical results. The interpreter gets one large tile (fewer Python-level programs).
     """
-    if interpreter_enabled():
+    if _INTERPRETED_KERNELS:
         return [triton.Config({"BLOCK_N": 256}, num_warps=4)]
     return [triton.Config({"BLOCK_N": bn}, num_warps=w) for bn in (32, 64, 128) for w in (4, 8)]

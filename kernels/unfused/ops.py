@@ -24,9 +24,9 @@ from torch.library import triton_op
 from torch.utils.flop_counter import register_flop_formula
 
 from . import torch_path
-from .av import inverse_sum, window_sum
+from .av_kernels import inverse_sum, window_sum
 from .common import geometry3, interpreter_enabled
-from .qk import rpb_grad, window_dot
+from .qk_kernels import rpb_grad, window_dot
 from ..geometry import NAParams
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -20,7 +20,7 @@ from torch.library import wrap_triton
 
 from .. import triton_geometry as tg
 from .common import Geometry3, block_d, row_configs, strides6
-from .qk import split_index
+from .qk_kernels import split_index
 
 
 @triton.autotune(configs=row_configs(), key=["N", "HEAD_DIM", "K0", "K1", "K2"])
