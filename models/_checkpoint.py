@@ -9,7 +9,7 @@ state dict that matches neither layout with the offending keys listed.
 from __future__ import annotations
 
 import re
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import torch.nn as nn

@@ -128,7 +128,8 @@ def _global_rpb_index(height: int, width: int, table_size: int) -> torch.Tensor:
     Offsets are key minus query, shifted by ``L - 1`` (the NA convention, and the original code's
     flipped Swin index).
     """
-    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    # Explicitly on the CPU: the cache must not capture tensors made under a default-device context.
+    ys, xs = torch.meshgrid(torch.arange(height, device="cpu"), torch.arange(width, device="cpu"), indexing="ij")
     ys, xs = ys.flatten(), xs.flatten()
     dy = ys[None, :] - ys[:, None] + table_size - 1
     dx = xs[None, :] - xs[:, None] + table_size - 1
