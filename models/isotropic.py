@@ -22,7 +22,7 @@ from timm.models._features import feature_take_indices
 from ._checkpoint import CheckpointFormatMixin, checkpoint_filter_fn
 from .dinat import _cfg
 from .dinat_s import PatchEmbed
-from .layers import GlobalAttentionRPB, NATLayer, init_weights
+from .layers import GlobalAttentionRPB, NATLayer, init_weights, is_sequence
 
 __all__ = ["NATIsotropic"]
 
@@ -59,7 +59,7 @@ class NATIsotropic(CheckpointFormatMixin, nn.Module):
             raise ValueError(f"global_pool must be 'avg' or '' (no pooling); got {global_pool!r}")
         if dilations is None:
             dilations = [1] * depth
-        if not isinstance(dilations, (list, tuple)) or len(dilations) != depth or any(
+        if not is_sequence(dilations) or len(dilations) != depth or any(
                 isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1 for d in dilations):
             raise ValueError(f"dilations must hold one int >= 1 per block (depth {depth}); got {dilations!r}")
         self.num_classes = num_classes

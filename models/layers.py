@@ -22,14 +22,20 @@ __all__ = [
     "GlobalAttentionRPB",
     "NATLayer",
     "per_level",
+    "is_sequence",
     "check_dilations",
     "init_weights",
 ]
 
 
+def is_sequence(value) -> bool:
+    """A list-like argument (also Hydra/OmegaConf ListConfig), not a string."""
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
 def per_level(name: str, value, num_levels: int) -> tuple:
     """One value for every level: an int broadcasts, a sequence must have one entry per level."""
-    if isinstance(value, (list, tuple)):
+    if is_sequence(value):
         if len(value) != num_levels:
             raise ValueError(f"{name} must be one value or one per level ({num_levels}); got {value!r}")
         return tuple(value)
@@ -40,14 +46,14 @@ def check_dilations(dilations, depths: Sequence[int]) -> tuple[tuple[int, ...], 
     """Validate ``dilations`` (None, or one list per level with one int >= 1 per block)."""
     if dilations is None:
         return tuple((1,) * d for d in depths)
-    if not isinstance(dilations, (list, tuple)) or len(dilations) != len(depths):
+    if not is_sequence(dilations) or len(dilations) != len(depths):
         raise ValueError(
             f"dilations must be None or one list per level ({len(depths)} levels, depths={tuple(depths)}); "
             f"got {dilations!r}"
         )
     out = []
     for level, (dils, depth) in enumerate(zip(dilations, depths)):
-        if not isinstance(dils, (list, tuple)) or len(dils) != depth:
+        if not is_sequence(dils) or len(dils) != depth:
             raise ValueError(
                 f"dilations[{level}] must hold one int per block of level {level} (depth {depth}); got {dils!r}"
             )

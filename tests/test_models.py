@@ -379,3 +379,12 @@ def test_global_rpb_attention_equals_na_covering_the_map():
         torch.testing.assert_close(full(x), na(x), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="larger than the bias table"):
         full(torch.randn(1, 8, 7, 16))
+
+
+def test_hydra_list_configs_are_sequences():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({k: [list(d) for d in v] if k == "dilations" else (list(v) if isinstance(v, tuple) else v)
+                            for k, v in TINY_DEMO.items()})
+    model = timm.create_model("dinat_mini", **cfg)
+    assert [m.dilation for m in model.modules() if isinstance(m, NeighborhoodAttention2d)] == [1, 1, 1, 2, 1]
