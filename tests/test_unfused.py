@@ -99,6 +99,19 @@ def test_av_ignores_unused_causal_slots():
     assert_near(got, kernels.na2d_av(attn, v, **_args(p), backend="reference"), torch.float32, "av")
 
 
+@pytest.mark.parametrize("p", [
+    Problem(2, (11,), 2, 8, (4,), (2,), (True,), False),  # 1-D, even k, causal, dilated
+    Problem(1, (6, 5, 7), 1, 8, (3, 2, 3), (2, 1, 2), (True, False, True), False),  # 3-D, mixed causal
+    Problem(1, (5, 6, 4), 2, 8, (3, 3, 3), (1, 2, 1), (False, False, False), True),  # 3-D with RPB
+], ids=["1d-causal-even", "3d-mixed-causal", "3d-rpb"])
+def test_fixed_cases_match_reference(p):
+    q, k, v, rpb = p.tensors(torch.float32, device=DEVICE, seed=12, requires_grad=True)
+    got = _na_outputs("unfused", p, q, k, v, rpb, 0.5)
+    want = _na_outputs("reference", p, q, k, v, rpb, 0.5)
+    for name, g, w in zip(["out", "lse", "dq", "dk", "dv", "drpb"], got, want):
+        assert_near(g, w, torch.float32, name)
+
+
 @pytest.mark.parametrize("head_dim", [24, 100])
 def test_head_dims_not_a_power_of_two_and_over_one_chunk(head_dim):
     p = Problem(1, (7, 8), 2, head_dim, (3, 3), (2, 1), (False, False), True)
@@ -142,7 +155,7 @@ def test_float64_is_rejected_with_the_dtype_rule():
     with pytest.raises(TypeError, match="float64"):
         kernels.na2d_qk(q, q, 3, backend="unfused")
     with pytest.raises(TypeError, match="float64"):
-        kernels.na2d_av(torch.randn(1, 8, 8, 1, 9, dtype=torch.float64), q, 3, backend="unfused")
+        kernels.na2d_av(torch.randn(1, 8, 8, 1, 9, dtype=torch.float64, device=DEVICE), q, 3, backend="unfused")
 
 
 def test_unavailable_reason(monkeypatch):
