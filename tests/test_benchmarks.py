@@ -27,8 +27,12 @@ FLEX_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("spatial,kernel_size,dilation,is_causal,use_rpb", FLEX_CASES)
+# float64 on every case (exact up to rounding), float32 (the benchmark's CPU dtype) on two.
+FLEX_CASES_WITH_DTYPE = [(*case, torch.float64) for case in FLEX_CASES] + [
+    (*FLEX_CASES[2], torch.float32), (*FLEX_CASES[5], torch.float32)]
+
+
+@pytest.mark.parametrize("spatial,kernel_size,dilation,is_causal,use_rpb,dtype", FLEX_CASES_WITH_DTYPE)
 def test_flex_na_matches_reference(spatial, kernel_size, dilation, is_causal, use_rpb, dtype):
     problem = Problem(2, spatial, 2, 8, kernel_size, dilation, is_causal, use_rpb)
     q, k, v, rpb = problem.tensors(dtype=dtype, seed=len(spatial))
