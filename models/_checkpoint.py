@@ -9,6 +9,7 @@ state dict that matches neither layout with the offending keys listed.
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from typing import Dict
 
 import torch
@@ -179,5 +180,8 @@ class CheckpointFormatMixin:
     """``load_state_dict`` accepts either checkpoint format (so timm's ``checkpoint_path=`` does too)."""
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        state_dict = checkpoint_filter_fn(dict(state_dict), self, strict=strict)
+        metadata = getattr(state_dict, "_metadata", None)  # per-module versions, kept for torch
+        state_dict = OrderedDict(checkpoint_filter_fn(dict(state_dict), self, strict=strict))
+        if metadata is not None:
+            state_dict._metadata = metadata
         return super().load_state_dict(state_dict, strict=strict, assign=assign)

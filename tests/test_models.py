@@ -304,6 +304,12 @@ def test_hf_bin_through_checkpoint_path(tmp_path):
         _same_outputs(model.eval()(x), loaded, x)
     loaded = models.load_checkpoint(timm.create_model("nat_small", **shrunk("nat_small", num_classes=5)), path)
     assert not loaded.missing_keys and not loaded.unexpected_keys
+    # a bare NatModel backbone: no `nat.` prefix, no classifier
+    backbone = {k[len("nat."):]: v for k, v in _hf_layout(model.state_dict(), "nat").items() if k.startswith("nat.")}
+    headless = timm.create_model("nat_small", **shrunk("nat_small", num_classes=0))
+    headless.load_state_dict(backbone)
+    with torch.no_grad():
+        torch.testing.assert_close(headless.eval()(x), model.forward_head(model.forward_features(x), pre_logits=True))
 
 
 def test_checkpoint_of_neither_format_lists_keys(tmp_path):
