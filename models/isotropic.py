@@ -10,9 +10,8 @@ alternates dilation 1 / ``dilation``; ViT+RPB uses global self-attention with a
 from __future__ import annotations
 
 from functools import partial
-from typing import List, Optional, Sequence, Tuple, Union
-
 import numbers
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn

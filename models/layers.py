@@ -147,6 +147,7 @@ class GlobalAttentionRPB(nn.Module):
 
     The bias table ``rpb`` is ``[heads, 2L-1, 2L-1]`` for maps up to ``L x L`` (``input_size``);
     it is gathered into an additive ``[heads, N, N]`` mask for ``scaled_dot_product_attention``.
+    Larger maps use the table resized bicubically to cover them.
     """
 
     def __init__(self, dim: int, num_heads: int, input_size: int, qkv_bias: bool = True,
@@ -168,16 +169,18 @@ class GlobalAttentionRPB(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        if H > self.input_size or W > self.input_size:
-            raise ValueError(
-                f"GlobalAttentionRPB: feature map {H}x{W} is larger than the bias table covers "
-                f"({self.input_size}x{self.input_size}); use an input of at most {self.input_size * 16} px"
-            )
+        table, size = self.rpb, self.input_size
+        if H > size or W > size:
+            # A map larger than the table was trained for: resize the table bicubically to cover it
+            # (the same resampling the authors used to move RPBs to a new kernel size).
+            size = max(H, W)
+            table = F.interpolate(self.rpb.unsqueeze(0), size=(2 * size - 1, 2 * size - 1), mode="bicubic",
+                                  align_corners=False).squeeze(0)
         N = H * W
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, heads, N, head_dim]
-        index = _global_rpb_index(H, W, self.input_size).to(x.device)
-        bias = self.rpb.reshape(self.num_heads, -1)[:, index].to(q.dtype)  # [heads, N, N]
+        index = _global_rpb_index(H, W, size).to(x.device)
+        bias = table.reshape(self.num_heads, -1)[:, index].to(q.dtype)  # [heads, N, N]
         x = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias.unsqueeze(0), dropout_p=self.attn_drop_p if self.training else 0.0,
             scale=self.scale,

@@ -383,8 +383,19 @@ def test_global_rpb_attention_equals_na_covering_the_map():
     x = torch.randn(2, 7, 7, 16)
     with torch.no_grad():
         torch.testing.assert_close(full(x), na(x), rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="larger than the bias table"):
-        full(torch.randn(1, 8, 7, 16))
+        # larger maps: the table resized to cover them, which leaves a constant bias constant
+        nn.init.constant_(full.rpb, 0.25)
+        wide = GlobalAttentionRPB(16, 4, input_size=9).eval()
+        wide.load_state_dict({k: v for k, v in full.state_dict().items() if k != "rpb"}, strict=False)
+        nn.init.constant_(wide.rpb, 0.25)
+        x = torch.randn(1, 9, 8, 16)
+        torch.testing.assert_close(full(x), wide(x), rtol=1e-4, atol=1e-5)
+
+
+def test_vitrpb_runs_above_its_training_size():
+    model = timm.create_model("vitrpb_small", **shrunk("vitrpb_small", num_classes=3)).eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randn(1, 3, 256, 288))).all()
 
 
 def test_hydra_list_configs_are_sequences():
