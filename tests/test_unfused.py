@@ -82,7 +82,7 @@ def test_qk_and_av_forward_and_gradients_match_reference(p, dtype):
         qk_grads = torch.autograd.grad((logits.float().nan_to_num(0.0, 0.0, 0.0) * weights).sum(), qk_inputs)
         av_grads = torch.autograd.grad((out.float() * out.float().detach().cos()).sum(), [attn, v])
         results[backend] = (logits, out, *qk_grads, *av_grads)
-    names = ["logits", "av", "dq", "dk", "drpb" if rpb is not None else "dattn", "dattn", "dv"]
+    names = ["logits", "av", "dq", "dk", *(["drpb"] if rpb is not None else []), "dattn", "dv"]
     for name, g, w in zip(names, results["unfused"], results["reference"]):
         assert_near(g, w, dtype, name)
 
@@ -123,7 +123,7 @@ def test_head_dims_not_a_power_of_two_and_over_one_chunk(head_dim):
 
 
 def test_backward_is_bit_identical_run_to_run():
-    p = Problem(2, (10, 9), 2, 8, (5, 3), (2, 3), (False, False), True)
+    p = Problem(1, (10, 9), 2, 8, (5, 3), (2, 3), (False, False), True)
     q, k, v, rpb = p.tensors(torch.float32, device=DEVICE, seed=4, requires_grad=True)
     first = _na_outputs("unfused", p, q, k, v, rpb, None)
     second = _na_outputs("unfused", p, q, k, v, rpb, None)
