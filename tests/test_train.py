@@ -236,3 +236,27 @@ def test_two_process_ddp_on_gloo_trains_and_replicas_agree(image_folder, tmp_pat
     assert state["world_size"] == 2 and len(state["rng"]["current"]) == 2
     # 24 images / (2 processes x batch 2) = 6 updates in the epoch
     assert state["position"] == {"epoch": 1, "batches_done": 0, "update": 6}
+
+
+# ------------------------------------------------------------------------------------------- numerics
+def test_gradient_accumulation_matches_the_larger_batch(image_folder, tmp_path):
+    """2 micro-batches of 2 per update = 1 batch of 4: same samples, same mean loss, same updates."""
+    common = ["sched.epochs=1", "sched.warmup_epochs=0", "data.aug.auto_augment=null", "data.aug.re_prob=0.0"]
+    train(compose_train(train_overrides(image_folder, tmp_path / "big", *common, "batch_size=4")))
+    train(compose_train(train_overrides(image_folder, tmp_path / "accum", *common, "batch_size=2",
+                                        "grad_accum_steps=2")))
+    big = model_state(tmp_path / "big" / "checkpoints" / "last.pt")
+    accum = model_state(tmp_path / "accum" / "checkpoints" / "last.pt")
+    assert load(tmp_path / "accum" / "checkpoints" / "last.pt")["position"]["update"] == 6
+    for key in big:
+        torch.testing.assert_close(accum[key], big[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_bf16_autocast_and_ema_run_on_cpu(image_folder, tmp_path):
+    summary = train(compose_train(train_overrides(image_folder, tmp_path, "amp=bf16", "ema.enabled=true",
+                                                  "ema.decay=0.9", "channels_last=true", "clip_grad=1.0",
+                                                  "sched.epochs=1", "sched.warmup_epochs=0")))
+    assert np.isfinite(summary["metrics"]["val/loss"]) and "val_ema/top1" in summary["metrics"]
+    state = load(tmp_path / "checkpoints" / "last.pt")
+    assert state["ema"].keys() == state["model"].keys()
+    assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 AMP_CHOICES = ("auto", "none", "bf16", "fp16")
 
@@ -60,3 +60,10 @@ def amp_dtype(amp: str, device: torch.device):
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def plain_dict(node) -> dict:
+    """A config mapping (or None) as a plain resolved dict, e.g. to pass on as keyword arguments."""
+    if node is None:
+        return {}
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from timm.data import create_dataset, create_transform, resolve_data_config
 
 from . import distributed
+from .config import plain_dict
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def build_dataset(data_cfg: DictConfig, split: str, is_training: bool, transform
     dataset = create_dataset(
         str(data_cfg.dataset), root=str(Path(str(data_cfg.root)).expanduser()), split=split,
         is_training=is_training, batch_size=batch_size, input_img_mode="RGB" if data_cfg.in_chans == 3 else "L",
-        **dict(data_cfg.get("dataset_kwargs") or {}))
+        **plain_dict(data_cfg.get("dataset_kwargs")))
     dataset.transform = transform
     if not isinstance(dataset, torch.utils.data.IterableDataset) and len(dataset) == 0:
         raise ValueError(f"data: split {split!r} under data.root={str(data_cfg.root)!r} holds no images")

@@ -7,7 +7,9 @@ import logging
 
 import timm
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from .config import plain_dict
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +28,7 @@ def create_model_kwargs(model_cfg: DictConfig, num_classes: int, in_chans: int) 
     kwargs = {"num_classes": num_classes, "in_chans": in_chans}
     if model_cfg.get("drop_path_rate") is not None:
         kwargs["drop_path_rate"] = float(model_cfg.drop_path_rate)
-    for key, value in (OmegaConf.to_container(model_cfg.get("kwargs") or {}, resolve=True)).items():
+    for key, value in plain_dict(model_cfg.get("kwargs")).items():
         if value is not None:
             # YAML lists become tuples: the models take per-level tuples (e.g. dilations).
             kwargs[key] = _to_tuples(value)

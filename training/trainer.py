@@ -20,7 +20,7 @@ from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 from . import checkpoint, data, distributed
-from .config import amp_dtype as resolve_amp, check_train
+from .config import amp_dtype as resolve_amp, check_train, plain_dict
 from .loop import Parts, Position, evaluate, train_one_epoch
 from .model import build_model
 from .preemption import PreemptionHandler
@@ -127,7 +127,8 @@ def _train(cfg: DictConfig, dist_env: distributed.DistEnv, preemption: Preemptio
     if cfg.optim.get("lr_base_batch_size"):
         lr = lr * global_batch / cfg.optim.lr_base_batch_size  # linear scaling rule
     optimizer = create_optimizer_v2(raw_model, opt=cfg.optim.name, lr=lr, weight_decay=cfg.optim.weight_decay,
-                                    layer_decay=cfg.optim.get("layer_decay"), **dict(cfg.optim.get("kwargs") or {}))
+                                    layer_decay=cfg.optim.get("layer_decay"),
+                                    **plain_dict(cfg.optim.get("kwargs")))
     scheduler, total_epochs = create_scheduler_v2(
         optimizer, sched=cfg.sched.name, num_epochs=cfg.sched.epochs, warmup_epochs=cfg.sched.warmup_epochs,
         cooldown_epochs=cfg.sched.cooldown_epochs, warmup_lr=cfg.sched.warmup_lr, min_lr=cfg.sched.min_lr,
