@@ -189,14 +189,16 @@ def build_candidate(name: str, shape: Shape, device: torch.device, flex_compile:
     raise ValueError(f"unknown candidate {name!r}; choose from {list(ALL_CANDIDATES)}")
 
 
-def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int = 0):
+def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int = 0,
+                rpb_dtype: Optional[torch.dtype] = None):
+    """Seeded standard-normal q, k, v, rpb (``rpb_dtype``, default ``dtype``) and output gradient."""
     gen = torch.Generator(device=device).manual_seed(seed)
     size = (shape.batch, *shape.spatial, shape.heads, shape.head_dim)
     q, k, v = (torch.randn(size, generator=gen, device=device, dtype=dtype) for _ in range(3))
     rpb = None
     if shape.use_rpb:
         rpb = torch.randn((shape.heads, *(2 * k_ - 1 for k_ in shape.kernel_size)), generator=gen, device=device,
-                          dtype=dtype)
+                          dtype=rpb_dtype or dtype)
     grad_out = torch.randn(size, generator=gen, device=device, dtype=dtype)
     return q, k, v, rpb, grad_out
 
@@ -330,6 +332,7 @@ def run_benchmark(shapes: Sequence[Shape], candidates: Sequence[str], modes: Seq
     results: list[Result] = []
     wrong: dict[str, str] = {}  # candidate -> why it is no longer timed
     flex_compile = {"auto": None, "on": True, "off": False}[args.flex_compile]
+    rpb_dtype = DTYPES[args.rpb_dtype] if args.rpb_dtype != "same" else dtype
     for index, shape in enumerate(shapes):
         check_this = args.check == "all" or (args.check == "first" and index == 0)
         if "flex" in candidates and device.type == "cuda":
@@ -337,7 +340,7 @@ def run_benchmark(shapes: Sequence[Shape], candidates: Sequence[str], modes: Seq
             # each shape with an empty cache, so dynamo never hits its recompile limit and silently
             # falls back to eager (dense) flex_attention.
             torch._dynamo.reset()
-        inputs = make_inputs(shape, device, dtype, seed=index)
+        inputs = make_inputs(shape, device, dtype, seed=index, rpb_dtype=rpb_dtype)
         built: dict[str, Callable] = {}
         for mode in modes:
             reference, reference_failure = None, ""
@@ -435,6 +438,8 @@ def markdown_table(results: Sequence[Result], env: dict[str, str], args, candida
         f"- candidates: {', '.join(candidates)}"
         + (f" (flex: {flex_mode[args.flex_compile]})" if "flex" in candidates else "")
         + (f"; not available here: {', '.join(unavailable)}" if unavailable else ""),
+        f"- inputs: seeded standard normal q, k, v, output gradient in {str(dtype).replace('torch.', '')}; rpb in "
+        f"{str(dtype).replace('torch.', '') if args.rpb_dtype == 'same' else args.rpb_dtype}",
         f"- time: {timing}",
         f"- vs {args.baseline}: {args.baseline} ms / candidate ms in the same run (> 1 means faster)",
         f"- TFLOP/s: effective, NA's useful work 4·B·H·N·K·D per forward (x{FWD_BWD_FLOP_FACTOR} for fwd+bwd),"
@@ -534,6 +539,9 @@ def parse_args(argv=None):
     parser.add_argument("--baseline", default=None, help="candidate the ratios are against; default flex on "
                         "CUDA, reference on CPU")
     parser.add_argument("--no-rpb", action="store_true", help="run every shape without relative position bias")
+    parser.add_argument("--rpb-dtype", choices=["float32", "same"], default="float32",
+                        help="rpb dtype: float32 (a parameter under mixed precision, the default) or the "
+                        "same as q, k, v")
     parser.add_argument("--check", choices=["first", "all", "none"], default="first",
                         help="shapes whose outputs (and gradients) are checked against the reference")
     parser.add_argument("--flex-compile", choices=["auto", "on", "off"], default="auto",
