@@ -19,7 +19,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .. import triton_geometry as tg
-from .common import Geometry3, block_d, row_configs, strides6
+from .common import Geometry3, block_d, on_device_of, row_configs, strides6
 from .qk_kernels import split_index
 
 
@@ -78,11 +78,12 @@ def window_sum(w: torch.Tensor, y: torch.Tensor, geo: Geometry3, scale: float, o
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]), batch * heads)
 
-    wrap_triton(_window_sum_kernel)[grid](
-        w, y, out, *strides6(w), *strides6(y), *strides6(out),
-        N=n, heads=heads, scale=float(scale), HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim),
-        **geo.kernel_args(),
-    )
+    with on_device_of(out):
+        wrap_triton(_window_sum_kernel)[grid](
+            w, y, out, *strides6(w), *strides6(y), *strides6(out),
+            N=n, heads=heads, scale=float(scale), HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim),
+            **geo.kernel_args(),
+        )
     return out
 
 
@@ -159,9 +160,10 @@ def inverse_sum(w: torch.Tensor, x: torch.Tensor, geo: Geometry3, scale: float, 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]), batch * heads)
 
-    wrap_triton(_inverse_sum_kernel)[grid](
-        w, x, out, *strides6(w), *strides6(x), *strides6(out),
-        N=n, heads=heads, scale=float(scale), HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim),
-        **geo.kernel_args(),
-    )
+    with on_device_of(out):
+        wrap_triton(_inverse_sum_kernel)[grid](
+            w, x, out, *strides6(w), *strides6(x), *strides6(out),
+            N=n, heads=heads, scale=float(scale), HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim),
+            **geo.kernel_args(),
+        )
     return out

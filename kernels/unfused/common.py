@@ -8,6 +8,7 @@ change neither the neighbour order (row-major, axis 0 slowest) nor the RPB index
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -113,3 +114,10 @@ def row_configs() -> list[triton.Config]:
     if _INTERPRETED_KERNELS:
         return [triton.Config({"BLOCK_N": 256}, num_warps=4)]
     return [triton.Config({"BLOCK_N": bn}, num_warps=w) for bn in (32, 64, 128) for w in (4, 8)]
+
+
+def on_device_of(x: torch.Tensor):
+    """Launch on ``x``'s GPU (Triton launches on the current device), a no-op elsewhere."""
+    if x.device.type == "cuda":
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()

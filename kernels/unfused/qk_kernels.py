@@ -17,7 +17,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .. import triton_geometry as tg
-from .common import Geometry3, block_d, row_configs, strides6
+from .common import Geometry3, block_d, on_device_of, row_configs, strides6
 
 
 @triton.jit
@@ -109,11 +109,12 @@ def window_dot(x: torch.Tensor, y: torch.Tensor, rpb: torch.Tensor | None, geo: 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]), batch * heads)
 
-    wrap_triton(_window_dot_kernel)[grid](
-        x, y, rpb_arg, out, *strides6(x), *strides6(y), *strides6(out),
-        N=n, heads=heads, scale=float(scale), HEAD_DIM=head_dim, HAS_RPB=rpb is not None,
-        FILL_NEG_INF=fill_neg_inf, BLOCK_D=block_d(head_dim), **geo.kernel_args(),
-    )
+    with on_device_of(out):
+        wrap_triton(_window_dot_kernel)[grid](
+            x, y, rpb_arg, out, *strides6(x), *strides6(y), *strides6(out),
+            N=n, heads=heads, scale=float(scale), HEAD_DIM=head_dim, HAS_RPB=rpb is not None,
+            FILL_NEG_INF=fill_neg_inf, BLOCK_D=block_d(head_dim), **geo.kernel_args(),
+        )
     return out
 
 
@@ -176,8 +177,9 @@ def rpb_grad(grad_logits: torch.Tensor, geo: Geometry3) -> torch.Tensor:
         return partial.new_zeros((heads, *bins))
     block_r = min(triton.next_power_of_2(geo.rpb_bins), RPB_GRAD_MAX_BLOCK_R)
     grid = (triton.cdiv(geo.rpb_bins, block_r), heads, splits)
-    wrap_triton(_rpb_grad_kernel)[grid](
-        grad_logits, partial, *strides6(grad_logits), N=geo.num_tokens, total=total, chunk=chunk,
-        heads=heads, BLOCK_M=RPB_GRAD_BLOCK_M, BLOCK_R=block_r, **geo.kernel_args(),
-    )
+    with on_device_of(partial):
+        wrap_triton(_rpb_grad_kernel)[grid](
+            grad_logits, partial, *strides6(grad_logits), N=geo.num_tokens, total=total, chunk=chunk,
+            heads=heads, BLOCK_M=RPB_GRAD_BLOCK_M, BLOCK_R=block_r, **geo.kernel_args(),
+        )
     return partial.sum(0).reshape(heads, *bins)
