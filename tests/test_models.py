@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
+import kernels
 import models
 from models.layers import GlobalAttentionRPB, NeighborhoodAttention2d
 
@@ -405,3 +406,23 @@ def test_hydra_list_configs_are_sequences():
                             for k, v in TINY_DEMO.items()})
     model = timm.create_model("dinat_mini", **cfg)
     assert [m.dilation for m in model.modules() if isinstance(m, NeighborhoodAttention2d)] == [1, 1, 1, 2, 1]
+
+
+@pytest.mark.parametrize("backend", [b for b in ("unfused", "fused") if b in kernels.available_backends("cpu")])
+def test_triton_backends_match_reference_in_a_model(backend):
+    # On CPU the Triton kernels run in the interpreter (tests/conftest.py), so keep the model tiny.
+    torch.manual_seed(0)
+    kwargs = dict(num_classes=3, embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), kernel_size=3,
+                  dilations=((2,), (1,), (1,), (1,)), drop_path_rate=0.0)
+    reference = timm.create_model("dinat_mini", na_backend="reference", **kwargs)
+    model = timm.create_model("dinat_mini", na_backend=backend, **kwargs)
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(1, 3, 32, 32)
+    expected = reference(x)
+    expected.sum().backward()
+    out = model(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    grads = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-3, atol=1e-5, msg=name)
