@@ -29,6 +29,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -328,7 +329,10 @@ def _describe(exc: BaseException) -> str:
 
 
 def run_benchmark(shapes: Sequence[Shape], candidates: Sequence[str], modes: Sequence[str], device: torch.device,
-                  dtype: torch.dtype, args, log=print) -> list[Result]:
+                  dtype: torch.dtype, args, log=print,
+                  on_shape_done: Optional[Callable[[list[Result], int], None]] = None) -> list[Result]:
+    """Check, time and measure every (shape, mode, candidate); ``on_shape_done(results, shapes_done)``
+    after each shape (speed-ups filled in), so a run cut short still leaves its finished rows."""
     results: list[Result] = []
     wrong: dict[str, str] = {}  # candidate -> why it is no longer timed
     flex_compile = {"auto": None, "on": True, "off": False}[args.flex_compile]
@@ -385,7 +389,9 @@ def run_benchmark(shapes: Sequence[Shape], candidates: Sequence[str], modes: Seq
                 log(f"  {shape.label:<48} {MODES[mode]:<8} {name:<10} {shown}")
         del inputs, built
         _free(device)
-    _add_speedups(results, args.baseline)
+        _add_speedups(results, args.baseline)
+        if on_shape_done is not None:
+            on_shape_done(results, index + 1)
     return results
 
 
@@ -581,6 +587,8 @@ def main(argv=None) -> list[Result]:
         parser.error(f"unknown candidates {unknown}; choose from {list(ALL_CANDIDATES)}")
     candidates = [c for c in wanted if c in available]
     unavailable = [c for c in wanted if c not in available]
+    if not candidates:
+        parser.error(f"none of the candidates {wanted} can run on {device} (available: {sorted(available)})")
     if args.baseline is None:
         args.baseline = "flex" if device.type == "cuda" and "flex" in candidates else candidates[0]
     if args.baseline not in candidates:
@@ -592,13 +600,21 @@ def main(argv=None) -> list[Result]:
           f"{len(modes)} modes x {candidates}" + (f" (unavailable: {unavailable})" if unavailable else ""),
           file=sys.stderr)
     log = functools.partial(print, file=sys.stderr, flush=True)
-    results = run_benchmark(shapes, candidates, modes, device, dtype, args, log=log)
+
+    def write_partial(results, shapes_done):
+        # Rewrite --out after every shape: a run killed by a time limit keeps what it measured.
+        if args.out and shapes_done < len(shapes):
+            table = markdown_table(results, env, args, candidates, unavailable, dtype, device)
+            Path(args.out).write_text(table + f"\n(partial: {shapes_done} of {len(shapes)} shapes done)\n")
+
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    results = run_benchmark(shapes, candidates, modes, device, dtype, args, log=log, on_shape_done=write_partial)
 
     table = markdown_table(results, env, args, candidates, unavailable, dtype, device)
     print(table)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(table)
+        Path(args.out).write_text(table)
     if args.plot:
         plot(results, args.plot, f"NA benchmark, {args.preset}, {env['device']}, {env['date']}", candidates)
     return results
