@@ -426,3 +426,12 @@ def test_triton_backends_match_reference_in_a_model(backend):
     grads = dict(reference.named_parameters())
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_features_only_prunes_unused_levels():
+    kwargs = {k: v for k, v in TINY_DEMO.items() if k != "num_classes"}
+    features = timm.create_model("dinat_mini", features_only=True, out_indices=(0, 1), **kwargs)
+    assert len(features.model.levels) == 2 and features.model.levels[1].downsample is None
+    maps = features(torch.randn(1, 3, 64, 64))
+    assert [tuple(m.shape) for m in maps] == [(1, 32, 16, 16), (1, 64, 8, 8)]
+    assert features.feature_info.channels() == [32, 64] and features.feature_info.reduction() == [4, 8]
