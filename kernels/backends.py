@@ -2,8 +2,8 @@
 
 A backend is a module exposing ``unavailable_reason(device) -> str | None`` and
 ``na(q, k, v, params, rpb, scale, return_lse)``; those that materialise the logits also expose
-``qk(q, k, params, rpb)`` and ``av(attn, v, params)``. Modules are imported lazily, so a machine
-without Triton still runs the reference.
+``qk(q, k, params, rpb)`` and ``av(attn, v, params)``. A backend that fails to import (no Triton
+on this machine) is reported as unavailable; the reference always runs.
 """
 
 from __future__ import annotations
@@ -28,11 +28,17 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
 _AUTO_DEFAULT = ("reference",)
 
 
+_LOADED: dict[str, tuple[ModuleType | None, str | None]] = {}
+
+
 def _load(name: str) -> tuple[ModuleType | None, str | None]:
-    try:
-        return importlib.import_module(BACKENDS[name]), None
-    except ImportError as exc:  # triton missing, or a backend this build lacks
-        return None, f"it cannot be imported ({exc})"
+    """(module, None) or (None, why it cannot be imported); imported once, then looked up."""
+    if name not in _LOADED:
+        try:
+            _LOADED[name] = importlib.import_module(BACKENDS[name]), None
+        except ImportError as exc:  # triton missing, or a backend this build lacks
+            _LOADED[name] = None, f"it cannot be imported ({exc})"
+    return _LOADED[name]
 
 
 def resolve(backend: str, device: torch.device, op: str = "na") -> ModuleType:
@@ -66,3 +72,9 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
         if module is not None and module.unavailable_reason(device) is None:
             names.append(name)
     return names
+
+
+# Import every backend now rather than on first call: torch.compile cannot trace importlib, so a
+# lazy import inside a compiled region would break the graph (fullgraph=True would fail).
+for _name in BACKENDS:
+    _load(_name)
