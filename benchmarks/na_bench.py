@@ -38,7 +38,9 @@ import kernels
 from benchmarks.alternatives import FlexNA, sdpa_full
 
 NA_BY_RANK = {1: kernels.na1d, 2: kernels.na2d, 3: kernels.na3d}
-NA_BACKENDS = ("reference", "unfused", "fused")
+# Every backend the registry knows (reference, unfused, fused, ...); which ones run here is
+# asked of kernels.available_backends at run time.
+NA_BACKENDS = tuple(kernels.backends.BACKENDS)
 ALTERNATIVES = ("flex", "sdpa")
 ALL_CANDIDATES = NA_BACKENDS + ALTERNATIVES
 MODES = {"fwd": "fwd", "fwdbwd": "fwd+bwd"}
@@ -297,7 +299,7 @@ class Result:
     mode: str
     candidate: str
     ms: Optional[float] = None
-    status: str = ""  # "" when timed, else OOM / error / unsupported / wrong / skipped
+    status: str = ""  # "" when timed, else OOM / error / unsupported / wrong
     peak_mib: Optional[float] = None
     max_err: Optional[float] = None
     err_ok: Optional[bool] = None
