@@ -214,6 +214,8 @@ def test_tile_shape_heuristic():
     assert config.tile_shape((1, 56, 56), (1, 8, 8), 2) == (1, 8, 8)  # 7x7 sub-grids -> 8x8
     assert config.tile_shape((1, 4, 40), (1, 1, 2), 2) == (1, 4, 16)  # short axis gives room away
     assert config.tile_shape((1, 1, 5), (1, 1, 1), 1) == (1, 1, 16)  # never below a tl.dot minimum
+    assert config.tile_tokens(256, 4) == 32 and config.tile_tokens(256, 2) == config.TILE_TOKENS
+    assert config.tile_shape((1, 56, 56), (1, 1, 1), 2, tokens=32) == (1, 4, 8)
     for spatial, dil, ndim in [((3, 5, 7), (1, 2, 3), 3), ((1, 1, 300), (1, 1, 4), 1), ((1, 2, 9), (1, 1, 1), 2)]:
         tile = config.tile_shape(spatial, dil, ndim)
         assert all(t & (t - 1) == 0 for t in tile) and 16 <= math.prod(tile) <= config.TILE_TOKENS

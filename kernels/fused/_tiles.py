@@ -76,6 +76,9 @@ def halo_coords(f, n1, n2):
 @triton.jit
 def in_window(i, ws, j, d, K: tl.constexpr, C: tl.constexpr):
     """Whether key token ``j`` takes part in the window of query ``i`` (window start ``ws``)."""
+    # slot_valid's two constexpr branches return shapes of (i, j) and of j; the GPU compiler
+    # type-checks both returns, so hand it operands of one shape.
+    i, j = tl.broadcast(i, j)
     return (j >= ws) & (j <= ws + (K - 1) * d) & slot_valid(i, j, C)
 
 

@@ -41,17 +41,29 @@ def autotuned(kernel, block_name: str):
     return triton.autotune(configs=_configs(block_name), key=AUTOTUNE_KEY)(kernel)
 
 
-def tile_shape(spatial3: tuple[int, int, int], dilation3: tuple[int, int, int], ndim: int) -> tuple[int, int, int]:
-    """Tile extent per axis (powers of two, product in [16, TILE_TOKENS]), in sub-grid tokens.
+# Rows of head_dim * element size above this get half-size tiles: a 64-row fp32 tile of 256-wide
+# heads (k, v, dk, dv in the key-centric backward) does not fit in an H100's shared memory.
+WIDE_ROW_BYTES = 512
 
-    Start from a cube-like tile over the used axes (64, 8x8, 4x4x4), shrink axes longer than the
-    sub-grid, then give the freed room to axes that still have tokens, so that a tile stays about
-    TILE_TOKENS queries and never under MIN_DOT (a tl.dot operand dimension).
+
+def tile_tokens(block_d: int, element_size: int) -> int:
+    return TILE_TOKENS if block_d * element_size <= WIDE_ROW_BYTES else TILE_TOKENS // 2
+
+
+def tile_shape(spatial3: tuple[int, int, int], dilation3: tuple[int, int, int], ndim: int,
+               tokens: int = TILE_TOKENS) -> tuple[int, int, int]:
+    """Tile extent per axis (powers of two, product in [16, tokens]), in sub-grid tokens.
+
+    Start from a cube-like tile over the used axes (64: 64, 8x8, 4x4x4; 32: 32, 4x8, 2x4x4),
+    shrink axes longer than the sub-grid, then give the freed room to axes that still have tokens,
+    so that a tile stays about ``tokens`` queries and never under MIN_DOT (a tl.dot operand size).
     """
-    base = {1: (1, 1, TILE_TOKENS), 2: (1, 8, 8), 3: (4, 4, 4)}[ndim]
+    base = {1: [1, 1, tokens], 2: [1, 8, 8], 3: [4, 4, 4]}[ndim]
+    while math.prod(base) > tokens:
+        base[min(range(3), key=lambda a: (-base[a], a))] //= 2  # halve the longest axis, outer first
     room = [triton.next_power_of_2(math.ceil(n / d)) for n, d in zip(spatial3, dilation3)]
     tile = [min(t, r) for t, r in zip(base, room)]
-    while math.prod(tile) < TILE_TOKENS:
+    while math.prod(tile) < tokens:
         growable = [a for a in (2, 1, 0) if tile[a] < room[a]]
         if not growable:
             break

@@ -41,9 +41,10 @@ class _Problem:
         self.kernel = (1,) * pad + tuple(int(k) for k in kernel_size)
         self.dilation = (1,) * pad + tuple(int(d) for d in dilation)
         self.causal = (False,) * pad + tuple(bool(c) for c in is_causal)
-        self.tile = config.tile_shape(self.spatial, self.dilation, self.ndim)
-        self.num_tiles = config.num_tiles(self.spatial, self.dilation, self.tile)
         self.block_d = config.block_d(self.head_dim)
+        tokens = config.tile_tokens(self.block_d, query.element_size())
+        self.tile = config.tile_shape(self.spatial, self.dilation, self.ndim, tokens)
+        self.num_tiles = config.num_tiles(self.spatial, self.dilation, self.tile)
         self.precision = "ieee" if query.dtype == torch.float32 else "tf32"
         self.num_rel = math.prod(2 * k - 1 for k in self.kernel)
 
