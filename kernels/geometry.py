@@ -82,13 +82,15 @@ def _window_start_subgrid(ip: torch.Tensor, length_g: torch.Tensor, k: int, caus
 
 @functools.lru_cache(maxsize=256)
 def _axis_window_cpu(length: int, k: int, d: int, causal: bool):
-    i = torch.arange(length)
+    # Explicit CPU tensors: the result is cached, so a first call under `with torch.device("meta")`
+    # must not fill the cache with meta tensors.
+    i = torch.arange(length, device="cpu")
     g = i % d
     ip = i // d
     length_g = (length - g + d - 1) // d
     start = _window_start_subgrid(ip, length_g, k, causal)
-    jp = start[:, None] + torch.arange(k)[None, :]  # [L, k] sub-grid coordinates
-    valid = jp <= ip[:, None] if causal else torch.ones(length, k, dtype=torch.bool)
+    jp = start[:, None] + torch.arange(k, device="cpu")[None, :]  # [L, k] sub-grid coordinates
+    valid = jp <= ip[:, None] if causal else torch.ones(length, k, dtype=torch.bool, device="cpu")
     neighbors = jp * d + g[:, None]
     rpb_index = jp - ip[:, None] + k - 1
     return neighbors, valid, rpb_index, start * d + g
@@ -132,12 +134,11 @@ class AxisTables:
 @functools.lru_cache(maxsize=256)
 def _axis_tables_cpu(length: int, k: int, d: int, causal: bool) -> AxisTables:
     neighbors, valid, _, window_start = _axis_window_cpu(length, k, d, causal)
-    member = torch.zeros(length, length, dtype=torch.bool)  # member[j, i]: i attends to j
-    rows = neighbors[valid]
-    cols = torch.arange(length)[:, None].expand(length, k)[valid]
-    member[rows, cols] = True
+    member = torch.zeros(length, length, dtype=torch.bool, device="cpu")  # member[j, i]: i attends to j
+    queries = torch.arange(length, device="cpu")
+    member[neighbors[valid], queries[:, None].expand(length, k)[valid]] = True
     count = member.sum(1)
-    first = torch.where(count > 0, member.float().argmax(1), torch.arange(length))
+    first = torch.where(count > 0, member.float().argmax(1), queries)
     return AxisTables(window_start.int(), first.int(), count.int())
 
 
