@@ -260,3 +260,34 @@ def test_bf16_autocast_and_ema_run_on_cpu(image_folder, tmp_path):
     state = load(tmp_path / "checkpoints" / "last.pt")
     assert state["ema"].keys() == state["model"].keys()
     assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])
+
+
+def test_two_slurm_tasks_join_from_slurm_environment(image_folder, tmp_path):
+    """What srun (and the submitit launcher) gives each task: SLURM_* variables only, no RANK/WORLD_SIZE."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    overrides = train_overrides(image_folder, tmp_path, "sched.epochs=1", "sched.warmup_epochs=0", "batch_size=2")
+    overrides.remove(f"run_dir={tmp_path}")
+    base_env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    base_env.update(OMP_NUM_THREADS="1", SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_JOB_NUM_NODES="1",
+                    SLURM_NODEID="0", SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(port))
+    tasks = [subprocess.Popen([sys.executable, "train.py", *overrides, f"hydra.run.dir={tmp_path}"], cwd=REPO,
+                              env=dict(base_env, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [task.communicate(timeout=300)[0] for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "the weights of all 2 replicas agree" in outputs[0]
+    state = load(tmp_path / "checkpoints" / "last.pt")
+    assert state["world_size"] == 2 and state["position"]["update"] == 6
+
+
+def test_slurm_launcher_config_runs_one_task_per_gpu():
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4",
+                                          "hydra.launcher.nodes=2"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.tasks_per_node, launcher.nodes, launcher.signal_delay_s) == (4, 2, 120)

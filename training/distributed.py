@@ -37,8 +37,12 @@ def _export_slurm_env() -> None:
     """Inside a multi-task SLURM job without torchrun: set the env:// variables from SLURM's."""
     from submitit.helpers import TorchDistributedEnvironment
 
+    # submitit reads SLURM's variables once told the job is a SLURM one: true under the submitit
+    # launcher, and just as true under a plain `srun python train.py`.
+    os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")
     # CUDA_VISIBLE_DEVICES is left alone: each task picks cuda:LOCAL_RANK itself.
-    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    # overwrite=True: a MASTER_PORT set by the job script is read first and exported unchanged.
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

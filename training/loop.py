@@ -149,10 +149,11 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, amp_dtype: Op
             logits = model(images)
         logits = logits.float()
         n = targets.shape[0]
-        top1, top5 = accuracy(logits, targets, topk=(1, min(5, logits.shape[1])))
-        totals += torch.tensor([F.cross_entropy(logits, targets, reduction="sum").item(),
-                                round(top1.item() * n / 100), round(top5.item() * n / 100), n],
-                               dtype=torch.float64, device=device)
+        top1, top5 = accuracy(logits, targets, topk=(1, min(5, logits.shape[1])))  # percentages of n
+        # Accumulated on the device (no per-batch sync); hits are whole numbers, rounded back from %.
+        totals += torch.stack([F.cross_entropy(logits, targets, reduction="sum").double(),
+                               (top1.double() * n / 100).round(), (top5.double() * n / 100).round(),
+                               torch.tensor(float(n), dtype=torch.float64, device=device)])
     loss, hits1, hits5, count = distributed.all_reduce_sum(totals).tolist()
     if count == 0:
         raise ValueError("evaluation saw no images: the validation split is empty")
