@@ -16,6 +16,7 @@ import pytest
 import timm
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from PIL import Image
 
 import models  # noqa: F401  (registers the DiNAT family in timm)
@@ -83,7 +84,10 @@ def tiny_kwargs(name: str) -> dict:
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_config_composes_checks_and_builds(experiment):
-    cfg = compose_train([f"experiment={experiment}", "data.root=/data/imagenet", "finetune_from=/w/in22k.pth"])
+    cfg = compose_train([f"experiment={experiment}", "data.root=/data/imagenet", "finetune_from=/w/in22k.pth",
+                         "run_dir=/runs/x"])
+    assert not OmegaConf.missing_keys(cfg)
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     check_train(cfg)
     assert cfg.name == experiment and cfg.data.num_classes == 1000
     assert cfg.model.name == cfg.model.variant and timm.is_model(cfg.model.name)
@@ -163,6 +167,28 @@ def test_preemption_signal_saves_and_resume_is_bit_identical(uninterrupted_run, 
     for key in expected:
         assert torch.equal(expected[key], got[key]), key
     assert resumed["metrics"]["val/top1"] == uninterrupted_run["summary"]["metrics"]["val/top1"]
+
+
+def test_crash_without_warning_resumes_from_the_epoch_checkpoint_bit_identically(uninterrupted_run, image_folder,
+                                                                                 tmp_path):
+    """A hard failure mid-epoch 2 (nothing saved then) -> resume=auto from epoch 1's checkpoint -> same weights."""
+    overrides = train_overrides(image_folder, tmp_path)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_update_9(pos):
+        if pos.update == 9:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(compose_train(overrides), on_update=crash_at_update_9)
+    assert load(tmp_path / "checkpoints" / "last.pt")["position"] == {"epoch": 1, "batches_done": 0, "update": 6}
+    train(compose_train(overrides))
+    expected = model_state(uninterrupted_run["run_dir"] / "checkpoints" / "last.pt")
+    got = model_state(tmp_path / "checkpoints" / "last.pt")
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
 
 
 def test_handler_passes_signal_on_to_previous_handler_then_exits():

@@ -25,7 +25,8 @@ def check_common(cfg: DictConfig) -> None:
     d = cfg.data
     _require(isinstance(d.num_classes, int) and d.num_classes >= 1, "data.num_classes", "an int >= 1", d.num_classes)
     _require(d.in_chans in (1, 3), "data.in_chans", "1 or 3", d.in_chans)
-    _require(isinstance(d.img_size, int) and d.img_size >= 8, "data.img_size", "an int >= 8", d.img_size)
+    _require(d.img_size is None or (isinstance(d.img_size, int) and d.img_size >= 8), "data.img_size",
+             "null (the model's input size) or an int >= 8", d.img_size)
     _require(d.get("crop_pct") is None or 0 < d.crop_pct <= 1, "data.crop_pct", "null or in (0, 1]", d.get("crop_pct"))
     _require(d.root is not None and str(d.root) != "", "data.root", "a path (the dataset folder)", d.root)
 

@@ -87,12 +87,15 @@ def prepare(data_cfg: DictConfig, dist_env: distributed.DistEnv) -> None:
 # ----------------------------------------------------------------------------- transforms
 def model_data_config(model: torch.nn.Module, data_cfg: DictConfig) -> dict:
     """The model's own preprocessing (mean/std/interpolation/crop_pct), overridden by non-null data.* keys."""
-    overrides = {"input_size": (int(data_cfg.in_chans), int(data_cfg.img_size), int(data_cfg.img_size))}
+    overrides = {"in_chans": int(data_cfg.in_chans), "img_size": data_cfg.get("img_size")}
     for key in ("crop_pct", "interpolation", "mean", "std"):
         if data_cfg.get(key) is not None:
             value = data_cfg[key]
             overrides[key] = tuple(value) if key in ("mean", "std") else value
-    return resolve_data_config(overrides, model=model)
+    config = resolve_data_config(overrides, model=model)
+    # img_size null takes the model's input size; the channel count is always data.in_chans.
+    config["input_size"] = (int(data_cfg.in_chans), *config["input_size"][1:])
+    return config
 
 
 def train_transform(data_config: dict, aug: DictConfig):
