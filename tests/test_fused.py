@@ -5,7 +5,6 @@ sets ``TRITON_INTERPRET=1``), on small problems in float32/float16. ``gpu``-mark
 compiled kernels at DiNAT sizes in bfloat16/float16.
 """
 
-import dataclasses
 import math
 
 import pytest

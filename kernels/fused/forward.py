@@ -5,17 +5,12 @@ are masked per query to its own window and folded into an online softmax (fp32, 
 of size [N, K] is ever written: the outputs are ``out`` and the per-query logsumexp.
 """
 
-import math
-
 import triton
 import triton.language as tl
 
 from ..triton_geometry import window_start
 from . import config
 from ._tiles import halo_coords, halo_flat, in_window, query_halo, rpb_index, split_program, tile_tokens
-
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @triton.jit
