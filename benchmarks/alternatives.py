@@ -92,6 +92,10 @@ class FlexNA:
         self._score_mod_rpb: Optional[torch.Tensor] = None
         self._score_mod: Optional[Callable] = None
 
+    def computed_block_fraction(self) -> float:
+        """Fraction of the (query block, key block) tiles FlexAttention computes for this mask."""
+        return 1.0 - float(self.block_mask.sparsity()) / 100.0
+
     def _mask_mod(self) -> Callable:
         axes = self.axes  # a plain function, not a bound method: create_block_mask checks its arity
 

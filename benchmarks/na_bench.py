@@ -186,6 +186,7 @@ def build_candidate(name: str, shape: Shape, device: torch.device, flex_compile:
                 raise Unsupported("FlexAttention has no CPU backward")
             return flex(q, k, v, rpb)
 
+        run_flex.computed_block_fraction = flex.computed_block_fraction()
         return run_flex
     if name == "sdpa":
         return lambda q, k, v, rpb: sdpa_full(q, k, v)
@@ -306,6 +307,7 @@ class Result:
     note: str = ""
     speedup: Optional[float] = None
     unchecked_because: str = ""  # set when this shape was to be checked but the reference failed
+    block_fraction: Optional[float] = None  # flex only: share of block-mask tiles computed
 
     @property
     def tflops(self) -> Optional[float]:
@@ -367,6 +369,7 @@ def run_benchmark(shapes: Sequence[Shape], candidates: Sequence[str], modes: Seq
                     if name not in built:
                         built[name] = build_candidate(name, shape, device, flex_compile)
                     fn = built[name]
+                    result.block_fraction = getattr(fn, "computed_block_fraction", None)
                     if reference is not None and name != "sdpa":
                         result.max_err, result.err_ok = check_against_reference(fn, mode, inputs, reference,
                                                                                 TOLERANCE[dtype])
@@ -479,6 +482,10 @@ def markdown_table(results: Sequence[Result], env: dict[str, str], args, candida
         )
     if notes:
         lines += ["", *(f"[{i}] {note}" for i, note in enumerate(notes, start=1))]
+    fractions = {r.shape.label: r.block_fraction for r in results if r.block_fraction is not None}
+    if fractions:
+        lines += ["", "flex block mask, share of 128x128 (query, key) tiles computed (the rest are skipped): "
+                  + "; ".join(f"{label}: {fraction:.1%}" for label, fraction in fractions.items())]
     return "\n".join(lines) + "\n"
 
 

@@ -55,6 +55,13 @@ def test_flex_na_reuses_block_mask_across_inputs_and_default_scale():
         flex(*Problem(1, (10, 13), 3, 4, (5, 3), (2, 4), (False, False), False).tensors()[:3])
 
 
+def test_flex_block_mask_skips_tiles_outside_the_windows():
+    # 1600 tokens = 13 tiles of 128 per side: a 7x7 window touches few key tiles, dilation 5 many.
+    undilated = FlexNA((40, 40), 7, 1).computed_block_fraction()
+    dilated = FlexNA((40, 40), 7, 5).computed_block_fraction()
+    assert 0 < undilated < 0.3 and undilated < dilated <= 1
+
+
 def test_sdpa_full_is_dense_attention_in_na_layout():
     q, k, v, _ = Problem(2, (3, 4), 2, 8, (2, 2), (1, 1), (False, False), False).tensors(dtype=torch.float64)
     got = sdpa_full(q, k, v, 2, scale=0.5)
