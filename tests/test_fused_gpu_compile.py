@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # One specialisation that takes every code path: a causal axis, an RPB, an incoming dLSE,
 # a 2-D tile, a non-power-of-two head (BLOCK_D 32 for head_dim 24).
 META = dict(K0=1, K1=5, K2=7, C0=False, C1=False, C2=True, T0=1, T1=8, T2=8, HAS_RPB=True, BLOCK_D=32,
-            PRECISION="tf32")
+            IEEE=False)
 
 _SCRIPT = """
 import json, sys

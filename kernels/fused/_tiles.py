@@ -100,3 +100,15 @@ def rpb_index(i0, i1, i2, j0, j1, j2, d0, d1, d2, K0: tl.constexpr, K1: tl.const
     r1 = rpb_offset(i1, j1, K1, d1)
     r2 = rpb_offset(i2, j2, K2, d2)
     return (r0 * (2 * K1 - 1) + r1) * (2 * K2 - 1) + r2
+
+
+@triton.jit
+def mma(a, b, IEEE: tl.constexpr):
+    """``a @ b`` in fp32; exact fp32 products for fp32 inputs (tl.dot would use tf32 on a GPU).
+
+    A bool rather than a string constexpr: simpler for Inductor to pass through.
+    """
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)

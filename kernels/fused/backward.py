@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ..triton_geometry import window_start
 from . import config
-from ._tiles import halo_coords, halo_flat, in_window, key_halo, query_halo, rpb_index, split_program, tile_tokens
+from ._tiles import halo_coords, halo_flat, in_window, mma, key_halo, query_halo, rpb_index, split_program, tile_tokens
 
 
 @triton.jit
@@ -34,7 +34,7 @@ def _na_bwd_dq_kernel(
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
-    HAS_RPB: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_RPB: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dQ (strides ``sg*``), delta and dRPB partials; ``lse``/``dlse``/``delta`` share strides ``sl*``.
@@ -122,14 +122,14 @@ def _na_bwd_dq_kernel(
                 & in_window(i1[:, None], ws1[:, None], j1[None, :], D1, K1, C1)
                 & in_window(i2[:, None], ws2[:, None], j2[None, :], D2, K2, C2)
                 & k_valid[None, :] & q_valid[:, None])
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = mma(q, tl.trans(k), IEEE) * qk_scale
         if HAS_RPB:
             ri = rpb_q[:, None] + halo_flat(u0, u1, u2, R1, R2)[None, :]
             s += tl.load(rpb_row + ri, mask=mask, other=0.0).to(tl.float32) * 1.4426950408889634
         p = tl.where(mask, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        dp = mma(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq += mma(ds.to(k.dtype), k, IEEE)
         if HAS_RPB:
             local = r_flat - start
             here = r_valid & (local >= 0) & (local < BLOCK_K)
@@ -160,7 +160,7 @@ def _na_bwd_dkdv_kernel(
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
-    HAS_RPB: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_RPB: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_Q: tl.constexpr,
 ):
     """dK, dV for a tile of keys (``sg*``: strides of the contiguous dk/dv)."""
@@ -221,15 +221,15 @@ def _na_bwd_dkdv_kernel(
                 & in_window(i1[None, :], ws1[None, :], j1[:, None], D1, K1, C1)
                 & in_window(i2[None, :], ws2[None, :], j2[:, None], D2, K2, C2)
                 & q_valid[None, :] & k_valid[:, None])
-        st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+        st = mma(k, tl.trans(q), IEEE) * qk_scale
         if HAS_RPB:
             ri = rpb_k[:, None] - halo_flat(u0, u1, u2, 2 * K1 - 1, 2 * K2 - 1)[None, :]
             st += tl.load(rpb_row + ri, mask=mask, other=0.0).to(tl.float32) * 1.4426950408889634
         pt = tl.where(mask, tl.exp2(st - lse2[None, :]), 0.0)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
-        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dv += mma(pt.to(do.dtype), do, IEEE)
+        dpt = mma(v, tl.trans(do), IEEE)
         dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+        dk += mma(dst.to(q.dtype), q, IEEE)
 
     g_off = b * sgb + j0 * sg0 + j1 * sg1 + j2 * sg2 + h * sgh
     tl.store((dk_ptr + g_off)[:, None] + (dim * sgd)[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=kd_mask)

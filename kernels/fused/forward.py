@@ -10,7 +10,7 @@ import triton.language as tl
 
 from ..triton_geometry import window_start
 from . import config
-from ._tiles import halo_coords, halo_flat, in_window, query_halo, rpb_index, split_program, tile_tokens
+from ._tiles import halo_coords, halo_flat, in_window, mma, query_halo, rpb_index, split_program, tile_tokens
 
 
 @triton.jit
@@ -25,7 +25,7 @@ def _na_fwd_kernel(
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
-    HAS_RPB: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_RPB: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = T0 * T1 * T2
@@ -80,7 +80,7 @@ def _na_fwd_kernel(
                 & in_window(i1[:, None], ws1[:, None], j1[None, :], D1, K1, C1)
                 & in_window(i2[:, None], ws2[:, None], j2[None, :], D2, K2, C2)
                 & k_valid[None, :])
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = mma(q, tl.trans(k), IEEE) * qk_scale
         if HAS_RPB:
             r = rpb_q[:, None] + halo_flat(u0, u1, u2, 2 * K1 - 1, 2 * K2 - 1)[None, :]
             s += tl.load(rpb_row + r, mask=mask, other=0.0).to(tl.float32) * 1.4426950408889634
@@ -89,7 +89,7 @@ def _na_fwd_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, IEEE)
         m_i = m_new
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)

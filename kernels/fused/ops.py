@@ -45,7 +45,7 @@ class _Problem:
         tokens = config.tile_tokens(self.block_d, query.element_size())
         self.tile = config.tile_shape(self.spatial, self.dilation, self.ndim, tokens)
         self.num_tiles = config.num_tiles(self.spatial, self.dilation, self.tile)
-        self.precision = "ieee" if query.dtype == torch.float32 else "tf32"
+        self.ieee = query.dtype == torch.float32
         self.num_rel = math.prod(2 * k - 1 for k in self.kernel)
 
     def strides(self, x: torch.Tensor) -> tuple[int, ...]:
@@ -61,7 +61,7 @@ class _Problem:
         c0, c1, c2 = self.causal
         t0, t1, t2 = self.tile
         return dict(K0=k0, K1=k1, K2=k2, C0=c0, C1=c1, C2=c2, T0=t0, T1=t1, T2=t2,
-                    HAS_RPB=has_rpb, BLOCK_D=self.block_d, PRECISION=self.precision)
+                    HAS_RPB=has_rpb, BLOCK_D=self.block_d, IEEE=self.ieee)
 
 
 def _use_triton(x: torch.Tensor) -> bool:
