@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-gpu clean
+.PHONY: install demo test test-gpu bench-smoke clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: install
 # On a machine with a CUDA GPU: only the gpu-marked tests.
 test-gpu: install
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
+
+# NA kernels vs FlexAttention-NA and SDPA; on a GPU drop --tiny (see docs/benchmarks.md).
+bench-smoke: install
+	$(PY) -m benchmarks.na_bench --tiny --cpu-threads 1
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

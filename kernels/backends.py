@@ -36,8 +36,8 @@ def _load(name: str) -> tuple[ModuleType | None, str | None]:
     if name not in _LOADED:
         try:
             _LOADED[name] = importlib.import_module(BACKENDS[name]), None
-        except ImportError as exc:  # triton missing, or a backend this build lacks
-            _LOADED[name] = None, f"it cannot be imported ({exc})"
+        except Exception as exc:  # triton missing or broken here: that backend is unavailable, not fatal
+            _LOADED[name] = None, f"it cannot be imported ({type(exc).__name__}: {exc})"
     return _LOADED[name]
 
 
