@@ -197,7 +197,7 @@ def _train(cfg: DictConfig, dist_env: distributed.DistEnv, preemption: Preemptio
              dist_env.world_size, lr, updates_per_epoch, total_epochs, str(amp).replace("torch.", "") if amp else "off",
              device, run_dir)
 
-    def save(epoch_start_rng: Optional[dict], metrics: Optional[dict], is_best: bool) -> Optional[Path]:
+    def save(epoch_start_rng: Optional[dict], epoch_metrics: Optional[dict], is_best: bool) -> Optional[Path]:
         # Collective: every rank contributes its RNG state; rank 0 writes.
         current_rng = distributed.gather_objects(checkpoint.capture_rng(device))
         start_rng = distributed.gather_objects(epoch_start_rng)
@@ -207,7 +207,7 @@ def _train(cfg: DictConfig, dist_env: distributed.DistEnv, preemption: Preemptio
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "ema": ema.module.state_dict() if ema is not None else None,
-                "position": vars(pos).copy(), "best": dict(best), "metrics": metrics,
+                "position": vars(pos).copy(), "best": dict(best), "metrics": epoch_metrics,
                 "rng": {"current": current_rng, "epoch_start": start_rng},
                 "world_size": dist_env.world_size, "config": resolved_config, "wandb_run_id": tracker.run_id,
             }
