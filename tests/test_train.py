@@ -222,6 +222,12 @@ def test_wandb_offline_run_directory(image_folder, tmp_path, monkeypatch):
     run_id = load(tmp_path / "checkpoints" / "last.pt")["wandb_run_id"]
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert run_id and [r.name.endswith(run_id) for r in runs] == [True]
+    # Resuming (one more epoch) continues the same wandb run.
+    cfg.sched.epochs = 2
+    train(cfg)
+    assert load(tmp_path / "checkpoints" / "last.pt")["wandb_run_id"] == run_id
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
 
 
 # ------------------------------------------------------------------------------------------- errors
