@@ -87,8 +87,11 @@ def test_float16_matches_reference(p):
     Problem(1, (4, 40), 2, 8, (2, 4), (1, 2), (False, True), False),
     # 3-D, per-axis dilation, RPB.
     Problem(1, (6, 5, 7), 1, 16, (3, 3, 3), (2, 1, 2), (False, False, False), True),
-    # A window with more relative positions (9*9*5 = 405) than one dRPB chunk (256) holds.
-    Problem(1, (5, 6, 4), 1, 8, (5, 5, 3), (1, 1, 1), (False, False, False), True),
+    # A window with more relative positions (9*9*5 = 405) than one dRPB chunk (256) holds, and a
+    # halo (5*6*5 keys) walked in two blocks.
+    Problem(1, (5, 7, 6), 1, 8, (5, 5, 3), (1, 1, 1), (False, False, False), True),
+    # DiNAT's window: an 8x8 tile's halo is 14x14 = 196 keys, more than one block.
+    Problem(1, (24, 20), 1, 16, (7, 7), (1, 1), (False, False), True),
     # 1-D, long enough for three tiles.
     Problem(2, (150,), 1, 16, (9,), (3,), (False,), True),
 ])
