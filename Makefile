@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m kernels
+	$(PY) train.py
 
 test: install
 	$(PY) -m pytest -n auto --durations=15 $(PYTEST_ARGS)
