@@ -34,9 +34,13 @@ def window_start(i, length, KERNEL: tl.constexpr, dilation, CAUSAL: tl.constexpr
 @triton.jit
 def slot_valid(i, j, CAUSAL: tl.constexpr):
     """Whether the slot holding key ``j`` takes part in query ``i``'s window (same group)."""
+    # Both branches return the broadcast shape of (i, j): the GPU compiler rejects a constexpr
+    # branch whose results differ in shape (the interpreter does not).
     if CAUSAL:
-        return j <= i
-    return j == j  # every slot, shaped like j
+        ok = j <= i
+    else:
+        ok = (j == j) & (i == i)
+    return ok
 
 
 @triton.jit
