@@ -97,7 +97,8 @@ def create_model(name: str, image_size: int, args, overrides: Optional[dict] = N
     full_name = timm_name(name)
     kwargs = dict(pretrained=False, num_classes=args.num_classes, drop_path_rate=args.drop_path_rate,
                   **(overrides or {}))
-    if timm.get_pretrained_cfg(full_name).fixed_input_size and image_size != 224:
+    cfg = timm.get_pretrained_cfg(full_name)
+    if cfg is not None and cfg.fixed_input_size and image_size != 224:
         kwargs["img_size"] = image_size  # Swin builds its attention masks for one input size
     if is_our_model(name) and args.na_backend is not None:
         kwargs["na_backend"] = args.na_backend
@@ -130,7 +131,9 @@ def make_step(model: torch.nn.Module, mode: str, batch: int, image_size: int, de
         model.eval()
 
         def infer():
-            with torch.inference_mode(), _autocast(device, dtype):
+            # no_grad, not inference_mode: caches filled here (geometry tables) must stay usable
+            # by the training steps that follow on the same model.
+            with torch.no_grad(), _autocast(device, dtype):
                 model(images)
         return infer
 
@@ -257,7 +260,8 @@ def environment(device: torch.device) -> dict[str, str]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+        threads = torch.get_num_threads()
+        name = f"CPU {platform.processor() or platform.machine()} ({threads} thread{'s' if threads != 1 else ''})"
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": name,
@@ -309,15 +313,19 @@ def markdown_table(reports: Sequence[ModelReport], env: dict[str, str], args, mo
         f"- NA backend of our models: {na_backend_used(args.na_backend, device)}",
         f"- settings: {'channels-last' if args.channels_last else 'contiguous (NCHW)'} inputs and weights; "
         f"{args.num_classes} classes; drop_path_rate {args.drop_path_rate}; random weights (pretrained=False)",
-        f"- inference: eval mode, `torch.inference_mode`; training step: train mode, cross entropy, backward, "
+        f"- inference: eval mode, `torch.no_grad`; training step: train mode, cross entropy, backward, "
         f"AdamW step (zero_grad(set_to_none) first)",
-        f"- timing: {args.warmup} warm-up steps, then the median of {args.repeats} windows of {args.iters} steps, "
-        f"each window between two device synchronisations; img/s = batch x steps / window seconds",
+        f"- timing: warm-up steps {args.warmup}, then the median of timed windows ({args.repeats}) of "
+        f"{args.iters} steps each, every window between two device synchronisations; "
+        f"img/s = batch x steps / window seconds",
         f"- vs {args.baseline}: model img/s / {args.baseline} img/s at the same batch and mode, same run "
         f"(> 1 is faster)",
         "- peak MiB: `torch.cuda.max_memory_allocated` over warm-up and timing (weights, activations, "
         "optimizer state)" + ("" if device.type == "cuda" else "; n/a on CPU"),
     ]
+    if device.type == "cuda":
+        lines.append(f"- cudnn.benchmark {torch.backends.cudnn.benchmark}; TF32 matmul "
+                     f"{torch.backends.cuda.matmul.allow_tf32}; eager models (no torch.compile)")
     overridden = [r for r in reports if r.overrides]
     if overridden:
         lines.append("- architecture overrides: " + "; ".join(
@@ -454,6 +462,10 @@ def main(argv=None) -> list[ModelReport]:
     device = torch.device(args.device)
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
+    if device.type == "cuda":
+        # Let cuDNN pick its fastest convolution algorithms (stems, downsamplers, ConvNeXt), as
+        # timm's own benchmark does; the warm-up steps absorb the search.
+        torch.backends.cudnn.benchmark = True
     dtype = PRECISIONS[args.precision]
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if not timm.is_model(timm_name(n))]
@@ -461,6 +473,8 @@ def main(argv=None) -> list[ModelReport]:
         parser.error(f"unknown models {unknown} (timm names, or aliases {list(MODEL_ALIASES)})")
     overrides = {n: TINY_MODELS[n] for n in names if args.tiny and n in TINY_MODELS}
     modes = ["infer", "train"] if args.mode == "both" else [args.mode]
+    if args.baseline not in names:
+        parser.error(f"--baseline {args.baseline!r} is not among the models {names}")
 
     env = environment(device)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
