@@ -131,8 +131,8 @@ def make_step(model: torch.nn.Module, mode: str, batch: int, image_size: int, de
         model.eval()
 
         def infer():
-            # no_grad, not inference_mode: caches filled here (geometry tables) must stay usable
-            # by the training steps that follow on the same model.
+            # no_grad, not inference_mode, as a precaution: an inference tensor kept by some cache
+            # into the training steps that follow on the same model could not be saved for backward.
             with torch.no_grad(), _autocast(device, dtype):
                 model(images)
         return infer
