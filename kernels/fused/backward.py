@@ -236,5 +236,6 @@ def _na_bwd_dkdv_kernel(
     tl.store((dv_ptr + g_off)[:, None] + (dim * sgd)[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kd_mask)
 
 
-na_bwd_dq_kernel = config.autotuned(_na_bwd_dq_kernel, "BLOCK_K")
-na_bwd_dkdv_kernel = config.autotuned(_na_bwd_dkdv_kernel, "BLOCK_Q")
+na_bwd_dq_kernel = config.autotuned(_na_bwd_dq_kernel, "BLOCK_K", "fused_bwd_dq",
+                                    outputs=("dq_ptr", "delta_ptr", "drpb_ptr"))
+na_bwd_dkdv_kernel = config.autotuned(_na_bwd_dkdv_kernel, "BLOCK_Q", "fused_bwd_dkdv", outputs=("dk_ptr", "dv_ptr"))

@@ -7,6 +7,8 @@ import os
 
 import triton
 
+from .. import tuning
+
 # What the autotuner's cache is keyed on: what changes the best block (head size, window, tile).
 # Map sizes and dilations are left out on purpose: they change the amount of work, not its shape,
 # and keying on them would re-benchmark every layer of a DiNAT (dilations 1..8) separately.
@@ -32,13 +34,22 @@ def _configs(block_name: str) -> list[triton.Config]:
     ]
 
 
-def autotuned(kernel, block_name: str):
+# Where the fused kernels keep the fields of a tuning-table key (see kernels.tuning).
+TUNING_KEY_ARGS = tuning.KeyArgs(dtype_of="q_ptr", head_dim="head_dim", spatial=("L0", "L1", "L2"),
+                                 kernel_size=("K0", "K1", "K2"), dilation=("D0", "D1", "D2"),
+                                 causal=("C0", "C1", "C2"), rpb="HAS_RPB")
+
+
+def autotuned(kernel, block_name: str, tuning_name: str, outputs: tuple[str, ...]):
     """``kernel`` autotuned over its halo block size ``block_name`` (and warps/stages).
 
-    Configs that do not fit (e.g. 128-key blocks with head_dim 256) fail to compile with
-    OutOfResources, which the autotuner scores as infinitely slow; the 32-key config always fits.
+    A shipped/user tuning table (``kernels.tuning``) is asked first, per launch; on a miss the
+    autotuner runs as before. Configs that do not fit (e.g. 128-key blocks with head_dim 256) fail
+    to compile with OutOfResources, which the autotuner scores as infinitely slow; the 32-key
+    config always fits.
     """
-    return triton.autotune(configs=_configs(block_name), key=AUTOTUNE_KEY)(kernel)
+    return tuning.autotune(configs=_configs(block_name), key=AUTOTUNE_KEY, name=tuning_name,
+                           key_args=TUNING_KEY_ARGS, outputs=outputs)(kernel)
 
 
 # Rows of head_dim * element size above this get half-size tiles: a 64-row fp32 tile of 256-wide

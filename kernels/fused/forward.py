@@ -102,4 +102,4 @@ def _na_fwd_kernel(
     tl.store(lse_ptr + l_off, lse, mask=q_valid)
 
 
-na_fwd_kernel = config.autotuned(_na_fwd_kernel, "BLOCK_K")
+na_fwd_kernel = config.autotuned(_na_fwd_kernel, "BLOCK_K", "fused_fwd", outputs=("o_ptr", "lse_ptr"))

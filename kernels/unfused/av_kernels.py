@@ -16,14 +16,13 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from .. import triton_geometry as tg
-from .common import Geometry3, block_d, on_device_of, row_configs, strides6
+from .common import Geometry3, block_d, launch, on_device_of, strides6, tuned
 from .qk_kernels import split_index
 
 
-@triton.autotune(configs=row_configs(), key=["N", "HEAD_DIM", "K0", "K1", "K2"])
+@tuned("unfused_window_sum", dtype_of="y_ptr", has_rpb_arg=False)
 @triton.jit
 def _window_sum_kernel(
     w_ptr, y_ptr, out_ptr,
@@ -79,15 +78,13 @@ def window_sum(w: torch.Tensor, y: torch.Tensor, geo: Geometry3, scale: float, o
         return (triton.cdiv(n, meta["BLOCK_N"]), batch * heads)
 
     with on_device_of(out):
-        wrap_triton(_window_sum_kernel)[grid](
-            w, y, out, *strides6(w), *strides6(y), *strides6(out),
-            N=n, heads=heads, scale=float(scale), HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim),
-            **geo.kernel_args(),
-        )
+        launch(_window_sum_kernel, grid, (w, y, out, *strides6(w), *strides6(y), *strides6(out)),
+               dict(N=n, heads=heads, scale=float(scale), HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim),
+                    **geo.kernel_args()))
     return out
 
 
-@triton.autotune(configs=row_configs(), key=["N", "HEAD_DIM", "K0", "K1", "K2"])
+@tuned("unfused_inverse_sum", dtype_of="x_ptr", has_rpb_arg=False)
 @triton.jit
 def _inverse_sum_kernel(
     w_ptr, x_ptr, out_ptr,
@@ -161,9 +158,7 @@ def inverse_sum(w: torch.Tensor, x: torch.Tensor, geo: Geometry3, scale: float, 
         return (triton.cdiv(n, meta["BLOCK_N"]), batch * heads)
 
     with on_device_of(out):
-        wrap_triton(_inverse_sum_kernel)[grid](
-            w, x, out, *strides6(w), *strides6(x), *strides6(out),
-            N=n, heads=heads, scale=float(scale), HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim),
-            **geo.kernel_args(),
-        )
+        launch(_inverse_sum_kernel, grid, (w, x, out, *strides6(w), *strides6(x), *strides6(out)),
+               dict(N=n, heads=heads, scale=float(scale), HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim),
+                    **geo.kernel_args()))
     return out

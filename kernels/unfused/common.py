@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 import torch
 import triton
+from torch.library import wrap_triton
 
+from .. import tuning
 from ..geometry import NAParams
 
 # Head-dim lanes handled per step; larger head dims loop over chunks of this many lanes (the
@@ -114,6 +116,28 @@ def row_configs() -> list[triton.Config]:
     if _INTERPRETED_KERNELS:
         return [triton.Config({"BLOCK_N": 256}, num_warps=4)]
     return [triton.Config({"BLOCK_N": bn}, num_warps=w) for bn in (32, 64, 128) for w in (4, 8)]
+
+
+# What the row kernels' autotuners are keyed on (the tile splits rows; the window sets the work per row).
+AUTOTUNE_KEY = ["N", "HEAD_DIM", "K0", "K1", "K2"]
+
+
+def tuned(name: str, dtype_of: str, has_rpb_arg: bool):
+    """``triton.autotune`` over ``row_configs()`` that asks the tuning tables first (``kernels.tuning``).
+
+    ``dtype_of`` names the tensor argument whose dtype keys the table; ``has_rpb_arg`` whether the
+    kernel takes a ``HAS_RPB`` flag. Every row kernel writes only ``out_ptr``.
+    """
+    key_args = tuning.KeyArgs(dtype_of=dtype_of, head_dim="HEAD_DIM", spatial=("L0", "L1", "L2"),
+                              kernel_size=("K0", "K1", "K2"), dilation=("dil0", "dil1", "dil2"),
+                              causal=("CAUSAL0", "CAUSAL1", "CAUSAL2"), rpb="HAS_RPB" if has_rpb_arg else None)
+    return tuning.autotune(configs=row_configs(), key=AUTOTUNE_KEY, name=name, key_args=key_args, outputs=("out_ptr",))
+
+
+def launch(kernel, grid, args: tuple, kwargs: dict) -> None:
+    """Launch ``kernel`` through ``wrap_triton`` with the config chosen here, in Python, before the
+    launch (a table hit or the autotuner), so ``torch.compile`` traces the same choice."""
+    wrap_triton(tuning.resolve(kernel, args, kwargs))[grid](*args, **kwargs)
 
 
 def on_device_of(x: torch.Tensor):

@@ -17,7 +17,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .. import triton_geometry as tg
-from .common import Geometry3, block_d, on_device_of, row_configs, strides6
+from .common import Geometry3, block_d, launch, on_device_of, strides6, tuned
 
 
 @triton.jit
@@ -38,7 +38,7 @@ def rpb_bin(i0, i1, i2, j0, j1, j2, dil0, dil1, dil2, K0: tl.constexpr, K1: tl.c
     return (r0 * (2 * K1 - 1) + r1) * (2 * K2 - 1) + r2
 
 
-@triton.autotune(configs=row_configs(), key=["N", "HEAD_DIM", "K0", "K1", "K2"])
+@tuned("unfused_window_dot", dtype_of="x_ptr", has_rpb_arg=True)
 @triton.jit
 def _window_dot_kernel(
     x_ptr, y_ptr, rpb_ptr, out_ptr,
@@ -110,11 +110,9 @@ def window_dot(x: torch.Tensor, y: torch.Tensor, rpb: torch.Tensor | None, geo: 
         return (triton.cdiv(n, meta["BLOCK_N"]), batch * heads)
 
     with on_device_of(out):
-        wrap_triton(_window_dot_kernel)[grid](
-            x, y, rpb_arg, out, *strides6(x), *strides6(y), *strides6(out),
-            N=n, heads=heads, scale=float(scale), HEAD_DIM=head_dim, HAS_RPB=rpb is not None,
-            FILL_NEG_INF=fill_neg_inf, BLOCK_D=block_d(head_dim), **geo.kernel_args(),
-        )
+        launch(_window_dot_kernel, grid, (x, y, rpb_arg, out, *strides6(x), *strides6(y), *strides6(out)),
+               dict(N=n, heads=heads, scale=float(scale), HEAD_DIM=head_dim, HAS_RPB=rpb is not None,
+                    FILL_NEG_INF=fill_neg_inf, BLOCK_D=block_d(head_dim), **geo.kernel_args()))
     return out
 
 
