@@ -97,6 +97,10 @@ def test_shards_are_deterministic_disjoint_and_complete():
         assert sorted(map(str, keys)) == sorted(str(u.key) for u in units) and len(keys) == len(set(keys))
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
     assert sweep.parse_shard("2/5") == (2, 5)
+    slurm = dict(SLURM_ARRAY_TASK_ID="4", SLURM_ARRAY_TASK_COUNT="4", SLURM_ARRAY_TASK_MIN="1")  # --array=1-4
+    assert sweep.parse_shard("slurm", slurm) == (3, 4)
+    with pytest.raises(ValueError, match="SLURM_ARRAY_TASK_ID"):
+        sweep.parse_shard("slurm", {})
     for bad in ("5/5", "-1/3", "1", "a/b", "0/0"):
         with pytest.raises(ValueError, match="--shard"):
             sweep.parse_shard(bad)
