@@ -517,7 +517,7 @@ def _now() -> str:
 
 
 def _key_of_entry(entry: dict, where: str) -> tuning.TuningKey:
-    return tuning._parse_key(where, entry)
+    return tuning.parse_key(where, entry)
 
 
 def merge_tables(documents: Sequence[tuple[str, dict]], allow_mixed_gpus: bool = False,

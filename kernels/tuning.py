@@ -189,7 +189,7 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _parse_key(where: str, entry: dict) -> TuningKey:
+def parse_key(where: str, entry: dict) -> TuningKey:
     missing = [f for f in KEY_FIELDS if f not in entry]
     if missing:
         raise TableError(f"{where} lacks key field(s) {missing} (every entry needs {list(KEY_FIELDS)})")
@@ -257,7 +257,7 @@ def parse_table(data: Any, path: str) -> Table:
         where = f"tuning table {path}: entries[{i}]"
         if not isinstance(entry, dict):
             raise TableError(f"{where} must be an object; got {type(entry).__name__}")
-        key = _parse_key(where, entry)
+        key = parse_key(where, entry)
         if key in winners:
             raise TableError(f"{where} repeats the key of an earlier entry ({key.label()})")
         if entry.get("winner") is None:  # a sweep result without a valid candidate: a miss
@@ -314,10 +314,6 @@ def no_table() -> Iterator[None]:
         _override.pop()
 
 
-def shipped_table_path(family: str) -> Path:
-    return TUNED_DIR / f"{family}.json"
-
-
 def active_table() -> Optional[Table]:
     """The table launches consult now (see the module doc for the order), or None."""
     if _override:
@@ -326,8 +322,19 @@ def active_table() -> Optional[Table]:
     env = os.environ.get(TABLE_ENV)
     if env:
         return load_table(env)
-    shipped = shipped_table_path(current_family())
-    return load_table(shipped) if shipped.exists() else None
+    shipped = _shipped_table(TUNED_DIR, current_family())
+    return load_table(shipped) if shipped is not None else None
+
+
+_SHIPPED: dict = {}
+
+
+def _shipped_table(directory: Path, family: str) -> Optional[Path]:
+    """The shipped file of ``family`` or None; whether it exists is asked once (launches are hot)."""
+    if (directory, family) not in _SHIPPED:
+        path = Path(directory) / f"{family}.json"
+        _SHIPPED[directory, family] = path if path.exists() else None
+    return _SHIPPED[directory, family]
 
 
 # ---------------------------------------------------------------------------------------------
