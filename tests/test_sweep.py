@@ -10,7 +10,7 @@ import kernels
 from benchmarks import sweep
 from kernels import tuning
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the smoke sweep is the CPU/interpreter mode")
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU/interpreter mode")
 
 
 @pytest.fixture
@@ -21,6 +21,7 @@ def no_tables(tmp_path, monkeypatch):
     monkeypatch.delenv(tuning.TABLE_ENV, raising=False)
 
 
+@cpu_only
 def test_smoke_sweep_end_to_end_writes_a_usable_table(tmp_path, no_tables, monkeypatch, capsys):
     out = tmp_path / "parts" / "smoke.json"
     assert sweep.main(["--smoke", "--out", str(out)]) == 0
@@ -49,6 +50,7 @@ def test_smoke_sweep_end_to_end_writes_a_usable_table(tmp_path, no_tables, monke
     assert choices == [("fused_fwd", tuning.parse_config("winner", "fused_fwd", winner))]
 
 
+@cpu_only
 def test_broken_candidates_are_invalid_never_winners(no_tables, monkeypatch):
     # BLOCK_N 48 cannot compile (tl.arange needs a power of two); BLOCK_N 64 gets its output
     # corrupted by the test hook after its launch, as a kernel bug would; 256 is correct.
@@ -178,6 +180,31 @@ def test_merge_refuses_files_from_different_gpus_unless_asked(tmp_path):
         sweep.merge_tables([("bad.json", dict(docs[0][1], version=99))])
 
 
+@cpu_only
 def test_full_sweep_needs_a_gpu():
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         sweep.main(["--shard", "0/2"])
+
+
+@pytest.mark.gpu
+def test_gpu_sweep_of_a_dinat_stage_gives_a_table_the_fused_kernels_use(tmp_path, no_tables, monkeypatch):
+    full = sweep.candidate_configs
+    monkeypatch.setattr(sweep, "candidate_configs", lambda name, smoke: [c for c in full(name, False)
+                                                                          if c.num_stages == 2][::4])
+    shape = sweep.parse_shape("spatial=28x28,heads=4,head_dim=32,kernel=7,dilation=4", 8)
+    options = sweep.SweepOptions(shapes=[shape], dtypes=["float16"], kernel_names=list(sweep.FAMILIES["fused"]),
+                                 device="cuda", warmup_ms=5, rep_ms=20, log=lambda s: None)
+    doc = sweep.run_sweep(options)
+    assert len(doc["entries"]) == 3 and all(e["winner"] and e["speedup"] for e in doc["entries"]), doc["entries"]
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps(doc))
+    monkeypatch.setenv(tuning.TABLE_ENV, str(table))
+    q, k, v = (torch.randn(8, 28, 28, 4, 32, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(4, 13, 13, device="cuda", dtype=torch.float16, requires_grad=True)
+    choices = []
+    with tuning.watching_choices(lambda name, key, config: choices.append(config)):
+        out = kernels.na2d(q, k, v, 7, 4, rpb=rpb, backend="fused")
+        out.float().square().sum().backward()
+    assert len(choices) == 3 and all(c is not None for c in choices)
+    ref = kernels.na2d(q.float(), k.float(), v.float(), 7, 4, rpb=rpb.float(), backend="reference")
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
