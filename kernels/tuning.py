@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 import triton
+from torch.library import wrap_triton
 from triton.runtime.autotuner import Autotuner
 
 TABLE_ENV = "DINAT_TUNING_TABLE"
@@ -364,9 +365,10 @@ class TunedKernel(Autotuner):
     """``triton.autotune`` that first asks the active table for the config of this launch.
 
     It is an ``Autotuner`` (``wrap_triton`` accepts it; Inductor autotunes its ``configs`` when it
-    compiles the call). Eager launches go through ``run``: a table hit launches the table's config,
-    a miss the autotuner as usual. Launch sites that can should call :func:`resolve` before
-    ``wrap_triton`` instead, so the choice is made in Python under ``torch.compile`` as well.
+    compiles the call). The table is asked in one place, :func:`launch` (via :func:`resolve`), in
+    Python before ``wrap_triton``, so eager runs and ``torch.compile`` make the same choice; a hit
+    launches the table's one-config kernel, a miss this autotuner. ``run`` itself only tells the
+    launch hooks (the sweep records launches through them) and autotunes.
     """
 
     def __init__(self, fn, configs: list, key: list, name: str, key_args: KeyArgs, outputs: tuple[str, ...]):
@@ -383,13 +385,10 @@ class TunedKernel(Autotuner):
         return self.key_args.key(self.tuning_name, bound)
 
     def run(self, *args, **kwargs):
-        launch_kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
-        key = self.tuning_key(args, launch_kwargs)
-        for hook in _launch_hooks:
-            hook(self, key, args, kwargs)
-        chosen = _choose(self, key)
-        if chosen is not self:
-            return chosen.run(*args, **kwargs)
+        if _launch_hooks:
+            key = self.tuning_key(args, {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")})
+            for hook in _launch_hooks:
+                hook(self, key, args, kwargs)
         return super().run(*args, **kwargs)
 
 
@@ -424,6 +423,12 @@ def _choose(kernel: TunedKernel, key: TuningKey):
 def resolve(kernel: TunedKernel, args: tuple, kwargs: dict):
     """What a launch site hands ``wrap_triton``: the table's one-config kernel on a hit, else ``kernel``."""
     return _choose(kernel, kernel.tuning_key(args, kwargs))
+
+
+def launch(kernel: TunedKernel, grid, args: tuple, kwargs: dict) -> None:
+    """Launch ``kernel`` through ``wrap_triton`` with the config chosen here, in Python, before the
+    launch (a table hit or the autotuner), so ``torch.compile`` traces the same choice."""
+    wrap_triton(resolve(kernel, args, kwargs))[grid](*args, **kwargs)
 
 
 # Observers of launches and choices (the sweep records launches; tests watch choices).

@@ -17,10 +17,11 @@ from typing import List, Optional, Tuple
 
 import torch
 import triton
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import reference
+from ..tuning import launch
 from ..geometry import NAParams
 from . import config
 from .backward import na_bwd_dkdv_kernel, na_bwd_dq_kernel
@@ -110,11 +111,10 @@ def na_fused_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rp
     lse = torch.empty(query.shape[:-1], dtype=torch.float32, device=query.device)
     has_rpb = rpb is not None
     rpb_arg = rpb.contiguous() if has_rpb else lse  # never read without an RPB
-    wrap_triton(na_fwd_kernel)[(p.num_tiles, p.batch * p.heads)](
+    launch(na_fwd_kernel, (p.num_tiles, p.batch * p.heads), (
         query, key, value, rpb_arg, out, lse,
         *p.strides(query), *p.strides(key), *p.strides(value), *p.strides(out), *p.strides(lse),
-        *p.shape_args(scale), **p.meta(has_rpb),
-    )
+        *p.shape_args(scale)), p.meta(has_rpb))
     return out, lse
 
 
@@ -140,18 +140,16 @@ def na_fused_bwd(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], query
     rpb_arg = rpb.contiguous() if has_rpb else lse
     has_dlse = grad_lse is not None
     dlse_arg = grad_lse.contiguous() if has_dlse else lse
-    wrap_triton(na_bwd_dq_kernel)[(p.num_tiles, p.batch * p.heads, chunks)](
+    launch(na_bwd_dq_kernel, (p.num_tiles, p.batch * p.heads, chunks), (
         query, key, value, rpb_arg, out, grad_out, lse, dlse_arg, dq, delta, partial,
         *p.strides(query), *p.strides(key), *p.strides(value), *p.strides(out), *p.strides(grad_out),
         *p.strides(dq), *p.strides(lse),
-        *p.shape_args(scale), HAS_DLSE=has_dlse, BLOCK_R=block_r, **p.meta(has_rpb),
-    )
-    wrap_triton(na_bwd_dkdv_kernel)[(p.num_tiles, p.batch * p.heads)](
+        *p.shape_args(scale)), dict(HAS_DLSE=has_dlse, BLOCK_R=block_r, **p.meta(has_rpb)))
+    launch(na_bwd_dkdv_kernel, (p.num_tiles, p.batch * p.heads), (
         query, key, value, rpb_arg, grad_out, lse, delta, dk, dv,
         *p.strides(query), *p.strides(key), *p.strides(value), *p.strides(dk), *p.strides(grad_out),
         *p.strides(lse),
-        *p.shape_args(scale), **p.meta(has_rpb),
-    )
+        *p.shape_args(scale)), p.meta(has_rpb))
     if has_rpb:
         # Fixed-order sum over (tile, batch): deterministic, unlike atomics.
         drpb = partial.sum(dim=(0, 1))[:, : p.num_rel].reshape(rpb.shape).to(rpb.dtype).contiguous()

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 import triton
-from torch.library import wrap_triton
 
 from .. import tuning
+from ..tuning import launch  # noqa: F401  (re-exported for the kernel modules)
 from ..geometry import NAParams
 
 # Head-dim lanes handled per step; larger head dims loop over chunks of this many lanes (the
@@ -132,12 +132,6 @@ def tuned(name: str, dtype_of: str, has_rpb_arg: bool):
                               kernel_size=("K0", "K1", "K2"), dilation=("dil0", "dil1", "dil2"),
                               causal=("CAUSAL0", "CAUSAL1", "CAUSAL2"), rpb="HAS_RPB" if has_rpb_arg else None)
     return tuning.autotune(configs=row_configs(), key=AUTOTUNE_KEY, name=name, key_args=key_args, outputs=("out_ptr",))
-
-
-def launch(kernel, grid, args: tuple, kwargs: dict) -> None:
-    """Launch ``kernel`` through ``wrap_triton`` with the config chosen here, in Python, before the
-    launch (a table hit or the autotuner), so ``torch.compile`` traces the same choice."""
-    wrap_triton(tuning.resolve(kernel, args, kwargs))[grid](*args, **kwargs)
 
 
 def on_device_of(x: torch.Tensor):
