@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as _dt
-import gc
 import platform
 import statistics
 import sys
@@ -37,6 +35,8 @@ import torch.nn.functional as F
 
 import kernels
 import models  # noqa: F401  (registers dinat_* / nat_* with timm)
+from benchmarks import _common
+from benchmarks._common import describe_error, free_memory, is_oom, sync
 
 # Short names for timm's Swin variants (any other timm name is used as given).
 MODEL_ALIASES = {
@@ -109,11 +109,6 @@ def create_model(name: str, image_size: int, args, overrides: Optional[dict] = N
 # Measuring
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
@@ -155,35 +150,20 @@ def measure(step: Callable[[], None], batch: int, device: torch.device, warmup: 
     """(images per second, peak MiB): ``warmup`` untimed steps, then ``repeats`` windows of ``iters``
     steps, each window between two device synchronisations; the median window counts."""
     if device.type == "cuda":
-        _sync(device)
+        sync(device)
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(warmup):  # compiles/autotunes kernels, fills caches, allocates optimizer state
         step()
     windows = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         for _ in range(iters):
             step()
-        _sync(device)
+        sync(device)
         windows.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return batch * iters / statistics.median(windows), peak
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-def _describe(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def run_benchmark(names: Sequence[str], batches: Sequence[int], modes: Sequence[str], device: torch.device,
@@ -203,7 +183,7 @@ def run_benchmark(names: Sequence[str], batches: Sequence[int], modes: Sequence[
             if args.channels_last:
                 model = model.to(memory_format=torch.channels_last)
         except Exception as exc:  # noqa: BLE001 -- e.g. OOM moving a large model, a bad override
-            failure = ("OOM" if _is_oom(exc) else "error", _describe(exc))
+            failure = ("OOM" if is_oom(exc) else "error", describe_error(exc))
             log(f"  {name}: could not be built: {failure[1]}")
         for batch in batches:
             for mode in modes:
@@ -219,18 +199,18 @@ def run_benchmark(names: Sequence[str], batches: Sequence[int], modes: Sequence[
                     result.img_per_s, result.peak_mib = measure(step, batch, device, args.warmup, args.iters,
                                                                 args.repeats)
                 except Exception as exc:  # noqa: BLE001 -- one failing case must not end the run
-                    result.status = "OOM" if _is_oom(exc) else "error"
-                    result.note = _describe(exc)
+                    result.status = "OOM" if is_oom(exc) else "error"
+                    result.note = describe_error(exc)
                 del step  # drops the optimizer state and the batch before the next case
                 if model is not None:
                     model.zero_grad(set_to_none=True)
-                _free(device)
+                free_memory(device)
                 shown = f"{result.img_per_s:.1f} img/s" if result.img_per_s is not None else \
                     f"{result.status}: {result.note}"
                 peak = f", peak {result.peak_mib:.0f} MiB" if result.peak_mib is not None else ""
                 log(f"  {name:<16} batch {batch:<4} {MODES[mode]:<9} {shown}{peak}")
         del model
-        _free(device)
+        free_memory(device)
         add_ratios(reports, args.baseline)
         if on_model_done is not None:
             on_model_done(reports)
@@ -251,25 +231,12 @@ def add_ratios(reports: Sequence[ModelReport], baseline: str) -> None:
 
 
 def environment(device: torch.device) -> dict[str, str]:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         threads = torch.get_num_threads()
         name = f"CPU {platform.processor() or platform.machine()} ({threads} thread{'s' if threads != 1 else ''})"
-    return {
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": name,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "triton": triton_version,
-        "python": platform.python_version(),
-    }
+    return _common.environment(name, timm=timm.__version__)
 
 
 def na_backend_used(requested: Optional[str], device: torch.device) -> str:
@@ -278,7 +245,7 @@ def na_backend_used(requested: Optional[str], device: torch.device) -> str:
     try:
         module = kernels.backends.resolve(name, device, "na").__name__.rsplit(".", 1)[-1]
     except Exception as exc:  # noqa: BLE001 -- reported, the models then fail with the same reason
-        return f"{name} (unavailable: {_describe(exc)})"
+        return f"{name} (unavailable: {describe_error(exc)})"
     return name if module == name else f"{name} -> {module}"
 
 

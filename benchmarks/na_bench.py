@@ -20,14 +20,10 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import functools
-import gc
 import math
 import platform
-import statistics
 import sys
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -35,6 +31,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 import kernels
+from benchmarks import _common
+from benchmarks._common import describe_error, free_memory, is_oom, median_ms, sync
 from benchmarks.alternatives import FlexNA, sdpa_full
 
 NA_BY_RANK = {1: kernels.na1d, 2: kernels.na2d, 3: kernels.na3d}
@@ -263,34 +261,21 @@ def reference_results(shape: Shape, mode: str, inputs) -> list[torch.Tensor]:
 # Measuring
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_ms(call: Callable[[], None], device: torch.device, args) -> float:
     """Median milliseconds per call: ``triton.testing.do_bench`` on CUDA, a perf_counter loop on CPU."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return float(do_bench(call, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median"))
-    call()  # warm-up: first-call caches (geometry tables, compiled kernels)
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    if device.type != "cuda":
+        call()  # warm-up: first-call caches (geometry tables, compiled kernels)
+    return median_ms(call, device, args.warmup_ms, args.rep_ms, args.repeats)
 
 
 def peak_memory_mib(call: Callable[[], None], device: torch.device) -> Optional[float]:
     """Peak allocated GPU memory during one call, inputs included (None off CUDA)."""
     if device.type != "cuda":
         return None
-    _sync(device)
+    sync(device)
     torch.cuda.reset_peak_memory_stats(device)
     call()
-    _sync(device)
+    sync(device)
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
@@ -317,21 +302,6 @@ class Result:
         return flops / (self.ms * 1e-3) / 1e12
 
 
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _describe(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
-
-
 def run_benchmark(shapes: Sequence[Shape], candidates: Sequence[str], modes: Sequence[str], device: torch.device,
                   dtype: torch.dtype, args, log=print,
                   on_shape_done: Optional[Callable[[list[Result], int], None]] = None) -> list[Result]:
@@ -356,9 +326,9 @@ def run_benchmark(shapes: Sequence[Shape], candidates: Sequence[str], modes: Seq
                 try:
                     reference = reference_results(shape, mode, inputs)
                 except Exception as exc:  # noqa: BLE001 -- e.g. OOM of the gathering reference
-                    reference_failure = "no ref (OOM)" if _is_oom(exc) else "no ref (error)"
-                    log(f"  [{shape.label} {MODES[mode]}] reference for the check failed: {_describe(exc)}")
-                _free(device)
+                    reference_failure = "no ref (OOM)" if is_oom(exc) else "no ref (error)"
+                    log(f"  [{shape.label} {MODES[mode]}] reference for the check failed: {describe_error(exc)}")
+                free_memory(device)
             for name in candidates:
                 result = Result(shape, mode, name, unchecked_because=reference_failure)
                 results.append(result)
@@ -387,13 +357,13 @@ def run_benchmark(shapes: Sequence[Shape], candidates: Sequence[str], modes: Seq
                     result.status, result.note = "unsupported", str(exc)
                 except Exception as exc:  # noqa: BLE001 -- one failing candidate must not end the run
                     result.ms = None
-                    result.status = "OOM" if _is_oom(exc) else "error"
-                    result.note = _describe(exc)
-                _free(device)
+                    result.status = "OOM" if is_oom(exc) else "error"
+                    result.note = describe_error(exc)
+                free_memory(device)
                 shown = f"{result.ms:.3f} ms" if result.ms is not None else f"{result.status}: {result.note}"
                 log(f"  {shape.label:<48} {MODES[mode]:<8} {name:<10} {shown}")
         del inputs, built
-        _free(device)
+        free_memory(device)
         _add_speedups(results, args.baseline)
         if on_shape_done is not None:
             on_shape_done(results, index + 1)
@@ -413,23 +383,11 @@ def _add_speedups(results: Sequence[Result], baseline: str) -> None:
 
 
 def environment(device: torch.device) -> dict[str, str]:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "not installed"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         name = f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-    return {
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": name,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "python": platform.python_version(),
-    }
+    return _common.environment(name)
 
 
 def _fmt(value: Optional[float], spec: str, missing: str = "n/a") -> str:

@@ -30,7 +30,6 @@ import datetime as _dt
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,6 +45,7 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 
 import kernels  # noqa: E402
+from benchmarks._common import median_ms, sync  # noqa: E402
 from kernels import tuning  # noqa: E402
 from kernels.api import check_params  # noqa: E402
 from kernels.geometry import NAParams  # noqa: E402
@@ -373,25 +373,9 @@ def _check_against_reference(shape, inputs, params, scale, out, grads, dtype) ->
 # Timing and the sweep
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def make_timer(device: torch.device, warmup_ms: int, rep_ms: int, cpu_reps: int) -> Callable[[Callable], float]:
     """Median ms of ``fn``: ``triton.testing.do_bench`` on a GPU, wall clock under the interpreter."""
-    if device.type == "cuda":
-        return lambda fn: float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-
-    def cpu_timer(fn):
-        times = []
-        for _ in range(cpu_reps):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-
-    return cpu_timer
+    return lambda fn: median_ms(fn, device, warmup_ms, rep_ms, cpu_reps)
 
 
 @dataclass
@@ -429,7 +413,7 @@ def sweep_unit(unit: Unit, launch: Launch, options: SweepOptions, timer, after_c
         try:
             launch.restore()
             launch.run_config(chosen)
-            _synchronize(device)
+            sync(device)
             if after_candidate is not None:  # test hook: lets a test break a candidate's output
                 after_candidate(unit.key.kernel, chosen, launch.outputs())
             worst = 0.0

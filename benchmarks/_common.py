@@ -1,0 +1,74 @@
+"""Helpers the benchmark tools share: device sync and clean-up, failure reporting, timing, report facts.
+
+Nothing here imports triton at module level: ``benchmarks.sweep`` must turn on Triton's CPU
+interpreter before triton is first imported.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op off CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    """Collect garbage and return cached GPU memory, so one case's buffers do not weigh on the next."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: message`` on one line, the message cut at 200 characters (for a report's row or note)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
+
+
+def median_ms(call: Callable[[], None], device: torch.device, warmup_ms: int, rep_ms: int,
+              cpu_repeats: int) -> float:
+    """Median milliseconds per call: ``triton.testing.do_bench`` on CUDA, else a ``time.perf_counter``
+    loop of ``cpu_repeats`` calls (no warm-up: a caller that wants one makes it)."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(call, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    times = []
+    for _ in range(cpu_repeats):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def environment(device_name: str, **versions: str) -> dict[str, str]:
+    """What a report's header states: UTC date, ``device_name``, and the torch, ``versions`` (e.g.
+    ``timm=...``), triton and python versions."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": device_name,
+        "torch": torch.__version__,
+        **versions,
+        "triton": triton_version,
+        "python": platform.python_version(),
+    }
