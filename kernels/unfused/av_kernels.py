@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from .. import triton_geometry as tg
-from .common import Geometry3, block_d, launch, on_device_of, strides6, tuned
-from .qk_kernels import split_index
+from .common import Geometry3, launch_rows, strides6, tuned
+from .qk_kernels import row_tile
 
 
 @tuned("unfused_window_sum", dtype_of="y_ptr", has_rpb_arg=False)
@@ -35,12 +35,7 @@ def _window_sum_kernel(
     CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // heads).to(tl.int64)
-    h = (pid_bh % heads).to(tl.int64)
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = n < N
-    i0, i1, i2 = split_index(n, L1, L2)
+    b, h, n_mask, i0, i1, i2 = row_tile(N, L1, L2, heads, BLOCK_N)
     start0 = tg.window_start(i0, L0, K0, dil0, CAUSAL0)
     start1 = tg.window_start(i1, L1, K1, dil1, CAUSAL1)
     start2 = tg.window_start(i2, L2, K2, dil2, CAUSAL2)
@@ -69,18 +64,9 @@ def _window_sum_kernel(
 
 def window_sum(w: torch.Tensor, y: torch.Tensor, geo: Geometry3, scale: float, out: torch.Tensor) -> torch.Tensor:
     """Fill ``out`` ``[B, *spatial, H, D]`` with the window-weighted sums (see module doc)."""
-    batch, heads, head_dim = y.shape[0], y.shape[-2], y.shape[-1]
-    n = geo.num_tokens
     if out.numel() == 0:
         return out
-
-    def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_N"]), batch * heads)
-
-    with on_device_of(out):
-        launch(_window_sum_kernel, grid, (w, y, out, *strides6(w), *strides6(y), *strides6(out)),
-               dict(N=n, heads=heads, scale=float(scale), HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim),
-                    **geo.kernel_args()))
+    launch_rows(_window_sum_kernel, (w, y, out, *strides6(w), *strides6(y), *strides6(out)), y, out, geo, scale)
     return out
 
 
@@ -97,12 +83,7 @@ def _inverse_sum_kernel(
     CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // heads).to(tl.int64)
-    h = (pid_bh % heads).to(tl.int64)
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # the keys of this tile
-    n_mask = n < N
-    j0, j1, j2 = split_index(n, L1, L2)
+    b, h, n_mask, j0, j1, j2 = row_tile(N, L1, L2, heads, BLOCK_N)  # the keys of this tile
     first0 = tg.inverse_first(j0, L0, K0, dil0, CAUSAL0)
     first1 = tg.inverse_first(j1, L1, K1, dil1, CAUSAL1)
     first2 = tg.inverse_first(j2, L2, K2, dil2, CAUSAL2)
@@ -149,16 +130,7 @@ def _inverse_sum_kernel(
 
 def inverse_sum(w: torch.Tensor, x: torch.Tensor, geo: Geometry3, scale: float, out: torch.Tensor) -> torch.Tensor:
     """Fill ``out`` ``[B, *spatial, H, D]`` with the inverse-neighbourhood sums (see module doc)."""
-    batch, heads, head_dim = x.shape[0], x.shape[-2], x.shape[-1]
-    n = geo.num_tokens
     if out.numel() == 0:
         return out
-
-    def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_N"]), batch * heads)
-
-    with on_device_of(out):
-        launch(_inverse_sum_kernel, grid, (w, x, out, *strides6(w), *strides6(x), *strides6(out)),
-               dict(N=n, heads=heads, scale=float(scale), HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim),
-                    **geo.kernel_args()))
+    launch_rows(_inverse_sum_kernel, (w, x, out, *strides6(w), *strides6(x), *strides6(out)), x, out, geo, scale)
     return out

@@ -17,7 +17,7 @@ import torch
 import triton
 
 from .. import tuning
-from ..tuning import launch  # noqa: F401  (re-exported for the kernel modules)
+from ..tuning import launch
 from ..geometry import NAParams
 
 # Head-dim lanes handled per step; larger head dims loop over chunks of this many lanes (the
@@ -139,3 +139,21 @@ def on_device_of(x: torch.Tensor):
     if x.device.type == "cuda":
         return torch.cuda.device(x.device)
     return contextlib.nullcontext()
+
+
+def launch_rows(kernel, args: tuple, rows: torch.Tensor, out: torch.Tensor, geo: Geometry3, scale: float,
+                **flags) -> None:
+    """Launch a row kernel on ``args`` over its grid ``(cdiv(N, BLOCK_N), batch * heads)``.
+
+    ``rows`` (``[B, *spatial, H, D]``) gives batch, heads and head dim; ``out`` is the tensor the
+    kernel writes; ``flags`` are the kernel's own constexprs (passed before ``BLOCK_D``).
+    """
+    batch, heads, head_dim = rows.shape[0], rows.shape[-2], rows.shape[-1]
+    n = geo.num_tokens
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]), batch * heads)
+
+    with on_device_of(out):
+        launch(kernel, grid, args, dict(N=n, heads=heads, scale=float(scale), HEAD_DIM=head_dim, **flags,
+                                        BLOCK_D=block_d(head_dim), **geo.kernel_args()))

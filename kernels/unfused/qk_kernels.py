@@ -17,7 +17,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .. import triton_geometry as tg
-from .common import Geometry3, block_d, launch, on_device_of, strides6, tuned
+from .common import Geometry3, launch_rows, on_device_of, strides6, tuned
 
 
 @triton.jit
@@ -27,6 +27,20 @@ def split_index(n, L1, L2):
     i1 = (n // L2) % L1
     i0 = n // (L1 * L2)
     return i0, i1, i2
+
+
+@triton.jit
+def row_tile(N, L1, L2, heads, BLOCK_N: tl.constexpr):
+    """This program's batch and head (int64) and its ``BLOCK_N`` flat tokens: in-range mask, coordinates.
+
+    The row kernels' grid is ``(cdiv(N, BLOCK_N), batch * heads)``.
+    """
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // heads).to(tl.int64)
+    h = (pid_bh % heads).to(tl.int64)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    i0, i1, i2 = split_index(n, L1, L2)
+    return b, h, n < N, i0, i1, i2
 
 
 @triton.jit
@@ -52,12 +66,7 @@ def _window_dot_kernel(
     HAS_RPB: tl.constexpr, FILL_NEG_INF: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // heads).to(tl.int64)
-    h = (pid_bh % heads).to(tl.int64)
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = n < N
-    i0, i1, i2 = split_index(n, L1, L2)
+    b, h, n_mask, i0, i1, i2 = row_tile(N, L1, L2, heads, BLOCK_N)
     start0 = tg.window_start(i0, L0, K0, dil0, CAUSAL0)
     start1 = tg.window_start(i1, L1, K1, dil1, CAUSAL1)
     start2 = tg.window_start(i2, L2, K2, dil2, CAUSAL2)
@@ -100,19 +109,11 @@ def _window_dot_kernel(
 def window_dot(x: torch.Tensor, y: torch.Tensor, rpb: torch.Tensor | None, geo: Geometry3, scale: float,
                fill_neg_inf: bool, out: torch.Tensor) -> torch.Tensor:
     """Fill ``out`` ``[B, *spatial, H, K]`` with the window dot products (see module doc)."""
-    batch, heads, head_dim = x.shape[0], x.shape[-2], x.shape[-1]
-    n = geo.num_tokens
     if out.numel() == 0:
         return out
     rpb_arg = rpb.contiguous() if rpb is not None else x  # any pointer when HAS_RPB is off
-
-    def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_N"]), batch * heads)
-
-    with on_device_of(out):
-        launch(_window_dot_kernel, grid, (x, y, rpb_arg, out, *strides6(x), *strides6(y), *strides6(out)),
-               dict(N=n, heads=heads, scale=float(scale), HEAD_DIM=head_dim, HAS_RPB=rpb is not None,
-                    FILL_NEG_INF=fill_neg_inf, BLOCK_D=block_d(head_dim), **geo.kernel_args()))
+    launch_rows(_window_dot_kernel, (x, y, rpb_arg, out, *strides6(x), *strides6(y), *strides6(out)), x, out, geo,
+                scale, HAS_RPB=rpb is not None, FILL_NEG_INF=fill_neg_inf)
     return out
 
 
