@@ -10,16 +10,16 @@ Papers: NAT https://arxiv.org/abs/2204.07143, DiNAT https://arxiv.org/abs/2209.1
 
 from __future__ import annotations
 
-from functools import partial
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ._checkpoint import CheckpointFormatMixin, checkpoint_filter_fn
+from ._checkpoint import checkpoint_filter_fn
+from ._common import NATModelBase, build_nat_model, check_global_pool, check_output_fmt, to_output_fmt
 from .layers import NATLayer, check_dilations, init_weights, per_level
 
 __all__ = ["ConvTokenizer", "ConvDownsampler", "NATLevel", "HierarchicalNAT", "DiNAT", "checkpoint_filter_fn"]
@@ -78,7 +78,7 @@ class NATLevel(nn.Module):
         return x if self.downsample is None else self.downsample(x)
 
 
-class HierarchicalNAT(CheckpointFormatMixin, nn.Module):
+class HierarchicalNAT(NATModelBase):
     """Four-level NA transformer; subclasses choose the stem, the downsampler and the level container name.
 
     Features stay channels-last (NHWC) throughout; ``forward_features`` returns the normed last map.
@@ -107,8 +107,7 @@ class HierarchicalNAT(CheckpointFormatMixin, nn.Module):
             norm_layer=nn.LayerNorm,
     ):
         super().__init__()
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '' (no pooling); got {global_pool!r}")
+        check_global_pool(global_pool)
         depths = tuple(depths)
         num_levels = len(depths)
         if num_levels < 1 or any(d < 1 for d in depths):
@@ -161,15 +160,7 @@ class HierarchicalNAT(CheckpointFormatMixin, nn.Module):
     def _levels(self) -> nn.ModuleList:
         return getattr(self, self.levels_attr)
 
-    # --- timm model interface -----------------------------------------------------------------
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return {name for name, _ in self.named_parameters() if name.endswith("rpb")}
-
-    @torch.jit.ignore
-    def no_weight_decay_keywords(self) -> set:
-        return {"rpb"}
-
+    # --- timm model interface (the rest is NATModelBase's) ---------------------------------------
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         name = self.levels_attr
@@ -184,21 +175,9 @@ class HierarchicalNAT(CheckpointFormatMixin, nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
+        super().set_grad_checkpointing(enable)
         for level in self._levels():
             level.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or ''; got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_intermediates(
             self,
@@ -214,8 +193,7 @@ class HierarchicalNAT(CheckpointFormatMixin, nn.Module):
         ``indices``: last n levels if an int, all if None, else those listed. ``norm`` applies the
         final norm to the last level's map (the only one it is sized for).
         """
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC'; got {output_fmt!r}")
+        check_output_fmt(output_fmt)
         levels = self._levels()
         take_indices, max_index = feature_take_indices(len(levels), indices)
         intermediates = []
@@ -226,7 +204,7 @@ class HierarchicalNAT(CheckpointFormatMixin, nn.Module):
             x = level.forward_blocks(x)
             if i in take_indices:
                 x_inter = self.norm(x) if norm and i == last else x
-                intermediates.append(x_inter.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else x_inter)
+                intermediates.append(to_output_fmt(x_inter, output_fmt))
             if level.downsample is not None and (i < last):
                 x = level.downsample(x)
         if intermediates_only:
@@ -254,28 +232,9 @@ class HierarchicalNAT(CheckpointFormatMixin, nn.Module):
             x = level(x)
         return self.norm(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
 
 class DiNAT(HierarchicalNAT):
     """NAT / DiNAT (NAT is DiNAT with every dilation 1): conv tokenizer, conv downsamplers."""
-
-
-def _create_dinat(variant: str, pretrained: bool = False, **kwargs) -> DiNAT:
-    interpolate_rpb = kwargs.pop("interpolate_rpb", False)
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
-        DiNAT, variant, pretrained,
-        pretrained_filter_fn=partial(checkpoint_filter_fn, interpolate_rpb=interpolate_rpb),
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **kwargs,
-    )
 
 
 def _cfg(url: str = "", hf: str = "", **kwargs) -> dict:
@@ -355,12 +314,10 @@ _LARGE = dict(embed_dim=192, depths=(3, 4, 18, 5), num_heads=(6, 12, 24, 48), ml
 def _build(variant: str, pretrained: bool, arch: dict, kwargs: dict, dilated=None, **extra) -> DiNAT:
     args = dict(arch, kernel_size=7, **extra)
     if dilated is not None:
-        args["dilations"] = _dinat_dilations(arch["depths"], dilated)
-    # With overridden depths the default dilation pattern is rebuilt for them (unless given).
-    if dilated is not None and "depths" in kwargs and "dilations" not in kwargs:
-        kwargs = dict(kwargs, dilations=_dinat_dilations(kwargs["depths"], dilated))
+        # Overridden depths get the default dilation pattern rebuilt for them (unless dilations are given).
+        args["dilations"] = _dinat_dilations(kwargs.get("depths", arch["depths"]), dilated)
     args.update(kwargs)
-    return _create_dinat(variant, pretrained, **args)
+    return build_nat_model(DiNAT, variant, pretrained, (0, 1, 2, 3), **args)
 
 
 @register_model

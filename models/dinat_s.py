@@ -7,16 +7,15 @@ authors' code (``layers.{i}.blocks.{j}``, ``layers.{i}.downsample.{norm,reductio
 
 from __future__ import annotations
 
-from functools import partial
-from typing import List, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 
-from ._checkpoint import checkpoint_filter_fn
-from .dinat import HierarchicalNAT, _alternate, _cfg
+from ._common import build_nat_model
+from .dinat import _DILATIONS_224, _DILATIONS_384, HierarchicalNAT, _cfg, _dinat_dilations
 
 __all__ = ["PatchEmbed", "PatchMerging", "DiNATs"]
 
@@ -66,17 +65,6 @@ class DiNATs(HierarchicalNAT):
         return PatchMerging(dim, norm_layer)
 
 
-def _create_dinat_s(variant: str, pretrained: bool = False, **kwargs) -> DiNATs:
-    interpolate_rpb = kwargs.pop("interpolate_rpb", False)
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
-        DiNATs, variant, pretrained,
-        pretrained_filter_fn=partial(checkpoint_filter_fn, interpolate_rpb=interpolate_rpb),
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **kwargs,
-    )
-
-
 _URL = "https://shilab.cs.uoregon.edu/projects/dinat/checkpoints/imagenet1k/"
 _PAPER = dict(paper_ids="arXiv:2209.15001", paper_name="Dilated Neighborhood Attention Transformer",
               first_conv="patch_embed.proj")
@@ -92,15 +80,12 @@ default_cfgs = generate_default_cfgs({
 
 
 def _build(variant: str, pretrained: bool, arch: dict, level_dilations: Sequence[int], kwargs: dict) -> DiNATs:
-    depths = kwargs.get("depths", arch["depths"])
     args = dict(arch, kernel_size=7, mlp_ratio=4.0,
-                dilations=[_alternate(depth, d) for depth, d in zip(depths, level_dilations)])
+                dilations=_dinat_dilations(kwargs.get("depths", arch["depths"]), level_dilations))
     args.update(kwargs)
-    return _create_dinat_s(variant, pretrained, **args)
+    return build_nat_model(DiNATs, variant, pretrained, (0, 1, 2, 3), **args)
 
 
-_D224: List[int] = [8, 4, 2, 1]
-_D384: List[int] = [13, 6, 3, 1]
 _TINY = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2)
 _SMALL = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3)
 _BASE = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5)
@@ -109,24 +94,24 @@ _LARGE = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), dr
 
 @register_model
 def dinat_s_tiny(pretrained: bool = False, **kwargs) -> DiNATs:
-    return _build("dinat_s_tiny", pretrained, _TINY, _D224, kwargs)
+    return _build("dinat_s_tiny", pretrained, _TINY, _DILATIONS_224, kwargs)
 
 
 @register_model
 def dinat_s_small(pretrained: bool = False, **kwargs) -> DiNATs:
-    return _build("dinat_s_small", pretrained, _SMALL, _D224, kwargs)
+    return _build("dinat_s_small", pretrained, _SMALL, _DILATIONS_224, kwargs)
 
 
 @register_model
 def dinat_s_base(pretrained: bool = False, **kwargs) -> DiNATs:
-    return _build("dinat_s_base", pretrained, _BASE, _D224, kwargs)
+    return _build("dinat_s_base", pretrained, _BASE, _DILATIONS_224, kwargs)
 
 
 @register_model
 def dinat_s_large(pretrained: bool = False, **kwargs) -> DiNATs:
-    return _build("dinat_s_large", pretrained, _LARGE, _D224, kwargs)
+    return _build("dinat_s_large", pretrained, _LARGE, _DILATIONS_224, kwargs)
 
 
 @register_model
 def dinat_s_large_384(pretrained: bool = False, **kwargs) -> DiNATs:
-    return _build("dinat_s_large_384", pretrained, _LARGE, _D384, kwargs)
+    return _build("dinat_s_large_384", pretrained, _LARGE, _DILATIONS_384, kwargs)

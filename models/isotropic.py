@@ -9,24 +9,22 @@ alternates dilation 1 / ``dilation``; ViT+RPB uses global self-attention with a
 
 from __future__ import annotations
 
-from functools import partial
-import numbers
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ._checkpoint import CheckpointFormatMixin, checkpoint_filter_fn
-from .dinat import _cfg
+from ._common import NATModelBase, build_nat_model, check_global_pool, check_output_fmt, to_output_fmt
+from .dinat import _alternate, _cfg
 from .dinat_s import PatchEmbed
-from .layers import GlobalAttentionRPB, NATLayer, init_weights, is_sequence
+from .layers import GlobalAttentionRPB, NATLayer, init_weights, is_int, is_sequence
 
 __all__ = ["NATIsotropic"]
 
 
-class NATIsotropic(CheckpointFormatMixin, nn.Module):
+class NATIsotropic(NATModelBase):
     """Isotropic transformer with neighborhood attention (``attention="na"``) or global attention + RPB."""
 
     def __init__(
@@ -54,12 +52,10 @@ class NATIsotropic(CheckpointFormatMixin, nn.Module):
         super().__init__()
         if attention not in ("na", "global"):
             raise ValueError(f"attention must be 'na' (neighborhood) or 'global' (self-attention + RPB); got {attention!r}")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '' (no pooling); got {global_pool!r}")
+        check_global_pool(global_pool)
         if dilations is None:
             dilations = [1] * depth
-        if not is_sequence(dilations) or len(dilations) != depth or any(
-                isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1 for d in dilations):
+        if not is_sequence(dilations) or len(dilations) != depth or not all(is_int(d, 1) for d in dilations):
             raise ValueError(f"dilations must hold one int >= 1 per block (depth {depth}); got {dilations!r}")
         self.num_classes = num_classes
         self.global_pool = global_pool
@@ -87,33 +83,10 @@ class NATIsotropic(CheckpointFormatMixin, nn.Module):
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(init_weights)
 
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return {name for name, _ in self.named_parameters() if name.endswith("rpb")}
-
-    @torch.jit.ignore
-    def no_weight_decay_keywords(self) -> set:
-        return {"rpb"}
-
+    # --- timm model interface (the rest is NATModelBase's) ---------------------------------------
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(stem=r"^patch_embed", blocks=[(r"^layers\.(\d+)", None), (r"^norm", (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or ''; got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_intermediates(
             self,
@@ -125,8 +98,7 @@ class NATIsotropic(CheckpointFormatMixin, nn.Module):
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Block outputs as NCHW (default) or NHWC maps; ``norm`` applies the final norm to each."""
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC'; got {output_fmt!r}")
+        check_output_fmt(output_fmt)
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         intermediates = []
         x = self.pos_drop(self.patch_embed(x))
@@ -135,7 +107,7 @@ class NATIsotropic(CheckpointFormatMixin, nn.Module):
             x = block(x)
             if i in take_indices:
                 x_inter = self.norm(x) if norm else x
-                intermediates.append(x_inter.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else x_inter)
+                intermediates.append(to_output_fmt(x_inter, output_fmt))
         if intermediates_only:
             return intermediates
         return self.norm(x), intermediates
@@ -159,25 +131,6 @@ class NATIsotropic(CheckpointFormatMixin, nn.Module):
             x = self.layers(x)
         return self.norm(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
-def _create_isotropic(variant: str, pretrained: bool = False, **kwargs) -> NATIsotropic:
-    interpolate_rpb = kwargs.pop("interpolate_rpb", False)
-    out_indices = kwargs.pop("out_indices", kwargs.get("depth", 12))
-    return build_model_with_cfg(
-        NATIsotropic, variant, pretrained,
-        pretrained_filter_fn=partial(checkpoint_filter_fn, interpolate_rpb=interpolate_rpb),
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **kwargs,
-    )
-
 
 _URL = "https://shilab.cs.uoregon.edu/projects/dinat/checkpoints/isotropic/"
 _PAPER = dict(paper_ids="arXiv:2209.15001", paper_name="Dilated Neighborhood Attention Transformer",
@@ -198,10 +151,10 @@ _BASE = dict(embed_dim=768, depth=12, num_heads=24, drop_path_rate=0.4)
 
 def _build(variant: str, pretrained: bool, arch: dict, kwargs: dict, dilation: int = 1, **extra) -> NATIsotropic:
     depth = kwargs.get("depth", arch["depth"])
-    args = dict(arch, kernel_size=7, mlp_ratio=4.0, dilations=[1 if i % 2 == 0 else dilation for i in range(depth)],
-                **extra)
+    args = dict(arch, kernel_size=7, mlp_ratio=4.0, dilations=_alternate(depth, dilation), **extra)
     args.update(kwargs)
-    return _create_isotropic(variant, pretrained, **args)
+    # Feature extraction defaults to every block (the last ``depth`` of them).
+    return build_nat_model(NATIsotropic, variant, pretrained, args["depth"], **args)
 
 
 @register_model

@@ -23,6 +23,7 @@ __all__ = [
     "NATLayer",
     "per_level",
     "is_sequence",
+    "is_int",
     "check_dilations",
     "init_weights",
 ]
@@ -31,6 +32,11 @@ __all__ = [
 def is_sequence(value) -> bool:
     """A list-like argument (also Hydra/OmegaConf ListConfig), not a string."""
     return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
+def is_int(value, minimum: int) -> bool:
+    """An int (not a bool) >= ``minimum``."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= minimum
 
 
 def per_level(name: str, value, num_levels: int) -> tuple:
@@ -58,7 +64,7 @@ def check_dilations(dilations, depths: Sequence[int]) -> tuple[tuple[int, ...], 
                 f"dilations[{level}] must hold one int per block of level {level} (depth {depth}); got {dils!r}"
             )
         for d in dils:
-            if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1:
+            if not is_int(d, 1):
                 raise ValueError(f"dilations[{level}] must hold ints >= 1; got {dils!r}")
         out.append(tuple(int(d) for d in dils))
     return tuple(out)
@@ -68,6 +74,13 @@ def _check_heads(dim: int, num_heads: int) -> int:
     if num_heads < 1 or dim % num_heads != 0:
         raise ValueError(f"num_heads must divide the channel count: dim={dim}, num_heads={num_heads}")
     return dim // num_heads
+
+
+def _rpb_table(num_heads: int, size: int) -> nn.Parameter:
+    """A ``[heads, 2 * size - 1, 2 * size - 1]`` relative position bias table, trunc-normal(0.02) init."""
+    rpb = nn.Parameter(torch.zeros(num_heads, 2 * size - 1, 2 * size - 1))
+    trunc_normal_(rpb, std=0.02)
+    return rpb
 
 
 class NeighborhoodAttention2d(nn.Module):
@@ -84,10 +97,9 @@ class NeighborhoodAttention2d(nn.Module):
                  backend: str = "auto"):
         super().__init__()
         self.head_dim = _check_heads(dim, num_heads)
-        if isinstance(kernel_size, bool) or not isinstance(kernel_size, numbers.Integral) or kernel_size < 2 \
-                or kernel_size % 2 == 0:
+        if not is_int(kernel_size, 3) or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be an odd int >= 3 (the rpb needs a centre); got {kernel_size!r}")
-        if isinstance(dilation, bool) or not isinstance(dilation, numbers.Integral) or dilation < 1:
+        if not is_int(dilation, 1):
             raise ValueError(f"dilation must be an int >= 1; got {dilation!r}")
         self.num_heads = num_heads
         self.kernel_size = int(kernel_size)
@@ -95,8 +107,7 @@ class NeighborhoodAttention2d(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.backend = backend
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
-        trunc_normal_(self.rpb, std=0.02)
+        self.rpb = _rpb_table(num_heads, self.kernel_size)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -158,8 +169,7 @@ class GlobalAttentionRPB(nn.Module):
         self.input_size = int(input_size)
         self.scale = self.head_dim ** -0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * self.input_size - 1, 2 * self.input_size - 1))
-        trunc_normal_(self.rpb, std=0.02)
+        self.rpb = _rpb_table(num_heads, self.input_size)
         self.attn_drop_p = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)

@@ -1,0 +1,87 @@
+"""What the model families share: timm's classifier interface and the builder behind every variant.
+
+Every model here is channels-last (NHWC) end to end and has a ``head`` Linear after optional
+average pooling; ``NATModelBase`` holds the timm methods that do not depend on the layout of its
+blocks, ``build_nat_model`` the ``build_model_with_cfg`` call each family's register functions use.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from timm.models import build_model_with_cfg
+
+from ._checkpoint import CheckpointFormatMixin, checkpoint_filter_fn
+
+__all__ = ["NATModelBase", "build_nat_model", "check_global_pool", "check_output_fmt", "to_output_fmt"]
+
+
+def check_global_pool(global_pool: str) -> None:
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool must be 'avg' or '' (no pooling); got {global_pool!r}")
+
+
+def check_output_fmt(output_fmt: str) -> None:
+    if output_fmt not in ("NCHW", "NHWC"):
+        raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC'; got {output_fmt!r}")
+
+
+def to_output_fmt(x: torch.Tensor, output_fmt: str) -> torch.Tensor:
+    """A channels-last map in ``output_fmt`` (NCHW is made contiguous)."""
+    return x.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else x
+
+
+class NATModelBase(CheckpointFormatMixin, nn.Module):
+    """timm's model interface shared by every family (either checkpoint format loads, see the mixin).
+
+    Subclasses build ``head`` and set ``num_features``, ``num_classes``, ``global_pool`` and
+    ``grad_checkpointing``; they provide ``forward_features``, ``forward_intermediates``,
+    ``prune_intermediate_layers`` and ``group_matcher``.
+    """
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {name for name, _ in self.named_parameters() if name.endswith("rpb")}
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self) -> set:
+        return {"rpb"}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or ''; got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def build_nat_model(model_cls: type, variant: str, pretrained: bool, default_out_indices, **kwargs) -> nn.Module:
+    """``build_model_with_cfg`` with our checkpoint filter (``interpolate_rpb=`` is passed on to it)."""
+    interpolate_rpb = kwargs.pop("interpolate_rpb", False)
+    out_indices = kwargs.pop("out_indices", default_out_indices)
+    return build_model_with_cfg(
+        model_cls, variant, pretrained,
+        pretrained_filter_fn=partial(checkpoint_filter_fn, interpolate_rpb=interpolate_rpb),
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+        **kwargs,
+    )
