@@ -45,6 +45,18 @@ def tile_tokens(a, g, length, d, T: tl.constexpr, idx):
 
 
 @triton.jit
+def tile_block(a0, a1, a2, g0, g1, g2, L0, L1, L2, D0, D1, D2,
+               T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr):
+    """The tile's ``T0 * T1 * T2`` tokens, flat (row-major, axis 0 slowest): token index per axis and
+    whether each token exists."""
+    idx = tl.arange(0, T0 * T1 * T2)
+    i0, v0 = tile_tokens(a0, g0, L0, D0, T0, idx // (T1 * T2))
+    i1, v1 = tile_tokens(a1, g1, L1, D1, T1, (idx // T2) % T1)
+    i2, v2 = tile_tokens(a2, g2, L2, D2, T2, idx % T2)
+    return i0, i1, i2, v0 & v1 & v2
+
+
+@triton.jit
 def tile_last(a, g, length, d, T: tl.constexpr):
     """Token index of the last existing tile coordinate along one axis (tile assumed non-empty)."""
     return (tl.minimum(a + T, subgrid_length(g, length, d)) - 1) * d + g
@@ -71,6 +83,15 @@ def key_halo(a, g, length, d, K: tl.constexpr, C: tl.constexpr, T: tl.constexpr)
 def halo_coords(f, n1, n2):
     """Flat halo index -> per-axis step counts (row-major, axis 0 slowest)."""
     return f // (n1 * n2), (f // n2) % n1, f % n2
+
+
+@triton.jit
+def halo_block(start, BLOCK: tl.constexpr, halo, h0, h1, h2, n1, n2, D0, D1, D2):
+    """Entries ``start .. start + BLOCK - 1`` of the flat walk over a halo box of ``halo`` tokens
+    starting at token ``h``: whether each is in the box, its per-axis steps, its token per axis."""
+    f = start + tl.arange(0, BLOCK)
+    u0, u1, u2 = halo_coords(f, n1, n2)
+    return f < halo, u0, u1, u2, h0 + u0 * D0, h1 + u1 * D1, h2 + u2 * D2
 
 
 @triton.jit

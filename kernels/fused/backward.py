@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ..triton_geometry import window_start
 from . import config
-from ._tiles import halo_coords, halo_flat, in_window, mma, key_halo, query_halo, rpb_index, split_program, tile_tokens
+from ._tiles import halo_block, halo_flat, in_window, mma, key_halo, query_halo, rpb_index, split_program, tile_block
 
 
 @triton.jit
@@ -52,11 +52,7 @@ def _na_bwd_dq_kernel(
     if (a0 * D0 + g0 >= L0) | (a1 * D1 + g1 >= L1) | (a2 * D2 + g2 >= L2):
         return
 
-    idx = tl.arange(0, BLOCK_Q)
-    i0, v0 = tile_tokens(a0, g0, L0, D0, T0, idx // (T1 * T2))
-    i1, v1 = tile_tokens(a1, g1, L1, D1, T1, (idx // T2) % T1)
-    i2, v2 = tile_tokens(a2, g2, L2, D2, T2, idx % T2)
-    q_valid = v0 & v1 & v2
+    i0, i1, i2, q_valid = tile_block(a0, a1, a2, g0, g1, g2, L0, L1, L2, D0, D1, D2, T0, T1, T2)
     ws0 = window_start(i0, L0, K0, D0, C0)
     ws1 = window_start(i1, L1, K1, D1, C1)
     ws2 = window_start(i2, L2, K2, D2, C2)
@@ -106,12 +102,7 @@ def _na_bwd_dq_kernel(
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     for start in range(0, halo, BLOCK_K):
-        f = start + tl.arange(0, BLOCK_K)
-        k_valid = f < halo
-        u0, u1, u2 = halo_coords(f, n1, n2)
-        j0 = h0 + u0 * D0
-        j1 = h1 + u1 * D1
-        j2 = h2 + u2 * D2
+        k_valid, u0, u1, u2, j0, j1, j2 = halo_block(start, BLOCK_K, halo, h0, h1, h2, n1, n2, D0, D1, D2)
         kv_mask = k_valid[:, None] & d_valid[None, :]
         k_off = b * skb + j0 * sk0 + j1 * sk1 + j2 * sk2 + h * skh
         k = tl.load((k_ptr + k_off)[:, None] + (dim * skd)[None, :], mask=kv_mask, other=0.0)
@@ -172,11 +163,7 @@ def _na_bwd_dkdv_kernel(
     if (a0 * D0 + g0 >= L0) | (a1 * D1 + g1 >= L1) | (a2 * D2 + g2 >= L2):
         return
 
-    idx = tl.arange(0, BLOCK_KT)
-    j0, v0 = tile_tokens(a0, g0, L0, D0, T0, idx // (T1 * T2))
-    j1, v1 = tile_tokens(a1, g1, L1, D1, T1, (idx // T2) % T1)
-    j2, v2 = tile_tokens(a2, g2, L2, D2, T2, idx % T2)
-    k_valid = v0 & v1 & v2
+    j0, j1, j2, k_valid = tile_block(a0, a1, a2, g0, g1, g2, L0, L1, L2, D0, D1, D2, T0, T1, T2)
 
     dim = tl.arange(0, BLOCK_D)
     d_valid = dim < head_dim
@@ -198,12 +185,7 @@ def _na_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_KT, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_KT, BLOCK_D], tl.float32)
     for start in range(0, halo, BLOCK_Q):
-        f = start + tl.arange(0, BLOCK_Q)
-        q_valid = f < halo
-        u0, u1, u2 = halo_coords(f, n1, n2)
-        i0 = h0 + u0 * D0
-        i1 = h1 + u1 * D1
-        i2 = h2 + u2 * D2
+        q_valid, u0, u1, u2, i0, i1, i2 = halo_block(start, BLOCK_Q, halo, h0, h1, h2, n1, n2, D0, D1, D2)
         qd_mask = q_valid[:, None] & d_valid[None, :]
         q_off = b * sqb + i0 * sq0 + i1 * sq1 + i2 * sq2 + h * sqh
         q = tl.load((q_ptr + q_off)[:, None] + (dim * sqd)[None, :], mask=qd_mask, other=0.0)
