@@ -1,4 +1,4 @@
-"""Host-side helpers shared by the unfused kernels: 3-D padding of the geometry, strides, configs.
+"""Host-side helpers shared by the unfused kernels: 3-D padding of the geometry, strides, configs, launch.
 
 Every kernel is written once for three spatial axes. A 1-D or 2-D problem is run as a 3-D one whose
 leading axes have length 1, kernel size 1 and dilation 1: with ``k = 1`` the window rule of
