@@ -123,7 +123,7 @@ def _na(ndim, query, key, value, kernel_size, dilation, is_causal, rpb, scale, b
         scale = query.shape[-1] ** -0.5
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"{fn}: scale must be a real number or None; got {scale!r}")
-    impl = backends.resolve(backend, query.device, "na")
+    impl = backends.resolve(backend, query.device, "na", query)
     return impl.na(query, key, value, params, rpb, float(scale), bool(return_lse))
 
 
@@ -134,7 +134,7 @@ def _qk(ndim, query, key, kernel_size, dilation, is_causal, rpb, backend):
     _check_same(fn, "query", query, "key", key)
     params = check_params(query.shape[1:-2], kernel_size, dilation, is_causal, fn)
     _check_rpb(fn, rpb, params, query.shape[-2], query)
-    return backends.resolve(backend, query.device, "qk").qk(query, key, params, rpb)
+    return backends.resolve(backend, query.device, "qk", query).qk(query, key, params, rpb)
 
 
 def _av(ndim, attn, value, kernel_size, dilation, is_causal, backend):
@@ -149,7 +149,7 @@ def _av(ndim, attn, value, kernel_size, dilation, is_causal, backend):
             f"got {list(attn.shape)}"
         )
     _check_same(fn, "value", value, "attn", attn, shape=False)
-    return backends.resolve(backend, value.device, "av").av(attn, value, params)
+    return backends.resolve(backend, value.device, "av", value).av(attn, value, params)
 
 
 def _make(ndim: int):

@@ -2,7 +2,8 @@
 
 A backend is a module exposing ``unavailable_reason(device) -> str | None`` and
 ``na(q, k, v, params, rpb, scale, return_lse)``; those that materialise the logits also expose
-``qk(q, k, params, rpb)`` and ``av(attn, v, params)``. A backend that fails to import (no Triton
+``qk(q, k, params, rpb)`` and ``av(attn, v, params)``; those with limits (dtype, head dim) expose
+``unsupported_reason(tensor) -> str | None`` so that "auto" can pass them over. A backend that fails to import (no Triton
 on this machine) is reported as unavailable; the reference always runs.
 """
 
@@ -41,14 +42,26 @@ def _load(name: str) -> tuple[ModuleType | None, str | None]:
     return _LOADED[name]
 
 
-def resolve(backend: str, device: torch.device, op: str = "na") -> ModuleType:
-    """The backend module that runs ``op`` ("na", "qk" or "av") on ``device``, or a ValueError."""
+def _unsupported(module: ModuleType, tensor: torch.Tensor | None) -> str | None:
+    """Why ``module`` cannot take this problem (dtype, head dim, ...), if it says; None otherwise."""
+    check = getattr(module, "unsupported_reason", None)
+    return check(tensor) if check is not None and tensor is not None else None
+
+
+def resolve(backend: str, device: torch.device, op: str = "na", tensor: torch.Tensor | None = None) -> ModuleType:
+    """The backend module that runs ``op`` ("na", "qk" or "av") on ``device``, or a ValueError.
+
+    ``tensor`` (the query, or the value for "av") lets "auto" pass over a backend that cannot take
+    this problem (e.g. float64 or a head dim beyond a kernel's limit) for the next one; an explicit
+    backend is used as asked and raises its own clear error.
+    """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, one of {['auto', *BACKENDS]}; got {type(backend).__name__}")
     if backend == "auto":
         for name in AUTO_ORDER.get(device.type, _AUTO_DEFAULT):
             module, _ = _load(name)
-            if module is not None and hasattr(module, op) and module.unavailable_reason(device) is None:
+            if (module is not None and hasattr(module, op) and module.unavailable_reason(device) is None
+                    and _unsupported(module, tensor) is None):
                 return module
         raise ValueError(f"backend='auto': no backend can run NA {op} on device {device}")
     if backend not in BACKENDS:

@@ -88,3 +88,18 @@ def test_unavailable_backend_is_an_error(monkeypatch):
 
 def test_auto_uses_reference_on_cpu():
     assert backends.resolve("auto", torch.device("cpu")).__name__ == "kernels.reference"
+
+
+def test_auto_passes_over_backends_that_cannot_take_the_problem(monkeypatch):
+    """"auto" skips a backend whose limits (here float64) exclude the problem, for the next one."""
+    monkeypatch.setitem(backends.AUTO_ORDER, "cpu", ("fused", "unfused", "reference"))
+    cpu = torch.device("cpu")
+    available = kernels.available_backends(cpu)
+    q64 = torch.randn(1, 8, 8, 2, 4, dtype=torch.float64)
+    assert backends.resolve("auto", cpu, "na", q64).__name__ == "kernels.reference"
+    assert backends.resolve("auto", cpu, "av", q64).__name__ == "kernels.reference"
+    if "fused" in available:  # Triton importable and the interpreter on (tests/conftest.py)
+        assert backends.resolve("auto", cpu, "na", q64.float()).__name__ == "kernels.fused"
+        assert backends.resolve("auto", cpu, "qk", q64.float()).__name__ == "kernels.unfused"
+        out = kernels.na2d(q64, q64, q64, 3)  # float64 through "auto": the reference, no error
+        assert out.dtype == torch.float64

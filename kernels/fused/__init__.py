@@ -18,7 +18,7 @@ import torch
 
 from ..geometry import NAParams
 
-__all__ = ["na", "unavailable_reason", "MAX_HEAD_DIM"]
+__all__ = ["na", "unavailable_reason", "unsupported_reason", "MAX_HEAD_DIM"]
 
 # Bigger heads would not fit a tile's q/acc/dq blocks in registers.
 MAX_HEAD_DIM = 256
@@ -46,16 +46,25 @@ def unavailable_reason(device: torch.device) -> str | None:
     return f"Triton kernels need a CUDA device, got {device.type}"
 
 
+def unsupported_reason(query: torch.Tensor) -> str | None:
+    """Why these kernels cannot take ``query``'s problem (``backend="auto"`` then moves on)."""
+    if query.dtype == torch.float64:
+        return "float64 is not supported (use float32, float16 or bfloat16, or backend='reference')"
+    if query.shape[-1] > MAX_HEAD_DIM:
+        return f"head_dim must be <= {MAX_HEAD_DIM}; got {query.shape[-1]}"
+    if query.shape[0] * query.shape[-2] > MAX_BATCH_HEADS:
+        return (f"batch * heads must be <= {MAX_BATCH_HEADS}; got {query.shape[0]} * {query.shape[-2]} "
+                f"(split the batch)")
+    return None
+
+
 def na(query, key, value, params: NAParams, rpb, scale: float, return_lse: bool):
     """Fused NA: ``out`` ``[B, *spatial, H, D]`` (and the float32 logsumexp ``[B, *spatial, H]``)."""
-    if query.dtype == torch.float64 or (rpb is not None and rpb.dtype == torch.float64):
-        raise TypeError("backend='fused': float64 is not supported (use float32, float16 or bfloat16, "
-                        "or backend='reference')")
-    if query.shape[-1] > MAX_HEAD_DIM:
-        raise ValueError(f"backend='fused': head_dim must be <= {MAX_HEAD_DIM}; got {query.shape[-1]}")
-    if query.shape[0] * query.shape[-2] > MAX_BATCH_HEADS:
-        raise ValueError(f"backend='fused': batch * heads must be <= {MAX_BATCH_HEADS}; got "
-                         f"{query.shape[0]} * {query.shape[-2]} (split the batch)")
+    if rpb is not None and rpb.dtype == torch.float64:
+        raise TypeError(f"backend='fused': {unsupported_reason(rpb)}")
+    reason = unsupported_reason(query)
+    if reason is not None:
+        raise (TypeError if query.dtype == torch.float64 else ValueError)(f"backend='fused': {reason}")
     out, lse = _ops.na_fused_fwd(query, key, value, rpb, list(params.kernel_size), list(params.dilation),
                                  list(params.is_causal), float(scale))
     return (out, lse) if return_lse else out

@@ -22,7 +22,7 @@ except ImportError as exc:  # triton (or a torch new enough for triton_op) is mi
     _ops = None
     _IMPORT_ERROR = f"it cannot be imported ({exc})"
 
-__all__ = ["unavailable_reason", "qk", "av", "na"]
+__all__ = ["unavailable_reason", "unsupported_reason", "qk", "av", "na"]
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -36,6 +36,13 @@ def unavailable_reason(device: torch.device) -> str | None:
             return None
         return "on CPU it needs the Triton interpreter (set TRITON_INTERPRET=1 before importing triton)"
     return f"it runs on CUDA (or on CPU under TRITON_INTERPRET=1), not on {device.type}"
+
+
+def unsupported_reason(tensor: torch.Tensor) -> str | None:
+    """Why these kernels cannot take this problem (``backend="auto"`` then moves on)."""
+    if tensor.dtype == torch.float64:
+        return "float64 is not supported (the kernels take float16, bfloat16 or float32)"
+    return None
 
 
 def _geometry(params: NAParams):
