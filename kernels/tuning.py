@@ -428,7 +428,13 @@ def resolve(kernel: TunedKernel, args: tuple, kwargs: dict):
 def launch(kernel: TunedKernel, grid, args: tuple, kwargs: dict) -> None:
     """Launch ``kernel`` through ``wrap_triton`` with the config chosen here, in Python, before the
     launch (a table hit or the autotuner), so ``torch.compile`` traces the same choice."""
-    wrap_triton(resolve(kernel, args, kwargs))[grid](*args, **kwargs)
+    chosen = resolve(kernel, args, kwargs)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        # Interpreted kernels are never traced (the ops trace PyTorch code or stay opaque there), and
+        # torch < 2.12's wrap_triton rejects them: launch directly.
+        chosen[grid](*args, **kwargs)
+    else:
+        wrap_triton(chosen)[grid](*args, **kwargs)
 
 
 # Observers of launches and choices (the sweep records launches; tests watch choices).
