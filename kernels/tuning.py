@@ -425,16 +425,20 @@ def resolve(kernel: TunedKernel, args: tuple, kwargs: dict):
     return _choose(kernel, kernel.tuning_key(args, kwargs))
 
 
-def launch(kernel: TunedKernel, grid, args: tuple, kwargs: dict) -> None:
-    """Launch ``kernel`` through ``wrap_triton`` with the config chosen here, in Python, before the
-    launch (a table hit or the autotuner), so ``torch.compile`` traces the same choice."""
-    chosen = resolve(kernel, args, kwargs)
+def run_kernel(kernel, grid, args: tuple, kwargs: dict) -> None:
+    """Launch a ``@triton.jit``/autotuned kernel through ``wrap_triton`` (traceable by torch.compile)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         # Interpreted kernels are never traced (the ops trace PyTorch code or stay opaque there), and
-        # torch < 2.12's wrap_triton rejects them: launch directly.
-        chosen[grid](*args, **kwargs)
+        # torch 2.11's wrap_triton rejects them: launch directly.
+        kernel[grid](*args, **kwargs)
     else:
-        wrap_triton(chosen)[grid](*args, **kwargs)
+        wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+def launch(kernel: TunedKernel, grid, args: tuple, kwargs: dict) -> None:
+    """Launch ``kernel`` with the config chosen here, in Python, before the launch (a table hit or
+    the autotuner), so ``torch.compile`` traces the same choice."""
+    run_kernel(resolve(kernel, args, kwargs), grid, args, kwargs)
 
 
 # Observers of launches and choices (the sweep records launches; tests watch choices).

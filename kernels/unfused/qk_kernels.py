@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from .. import triton_geometry as tg
+from ..tuning import run_kernel
 from .common import Geometry3, launch_rows, on_device_of, strides6, tuned
 
 
@@ -177,8 +177,7 @@ def rpb_grad(grad_logits: torch.Tensor, geo: Geometry3) -> torch.Tensor:
     block_r = min(triton.next_power_of_2(geo.rpb_bins), RPB_GRAD_MAX_BLOCK_R)
     grid = (triton.cdiv(geo.rpb_bins, block_r), heads, splits)
     with on_device_of(partial):
-        wrap_triton(_rpb_grad_kernel)[grid](
-            grad_logits, partial, *strides6(grad_logits), N=geo.num_tokens, total=total, chunk=chunk,
-            heads=heads, BLOCK_M=RPB_GRAD_BLOCK_M, BLOCK_R=block_r, **geo.kernel_args(),
-        )
+        run_kernel(_rpb_grad_kernel, grid, (grad_logits, partial, *strides6(grad_logits)), dict(
+            N=geo.num_tokens, total=total, chunk=chunk, heads=heads, BLOCK_M=RPB_GRAD_BLOCK_M,
+            BLOCK_R=block_r, **geo.kernel_args()))
     return partial.sum(0).reshape(heads, *bins)
