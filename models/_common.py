@@ -5,18 +5,17 @@ average pooling; ``NATModelBase`` holds the timm methods that do not depend on t
 blocks, ``build_nat_model`` the ``build_model_with_cfg`` call each family's register functions use.
 """
 
-from __future__ import annotations
-
 from functools import partial
 from typing import Optional
 
 import torch
 import torch.nn as nn
+from timm.layers import get_device_dtype
 from timm.models import build_model_with_cfg
 
 from ._checkpoint import CheckpointFormatMixin, checkpoint_filter_fn
 
-__all__ = ["NATModelBase", "build_nat_model", "check_global_pool", "check_output_fmt", "to_output_fmt"]
+__all__ = ["NATModelBase", "build_nat_model", "check_global_pool", "check_output_fmt", "make_head", "to_output_fmt"]
 
 
 def check_global_pool(global_pool: str) -> None:
@@ -27,6 +26,13 @@ def check_global_pool(global_pool: str) -> None:
 def check_output_fmt(output_fmt: str) -> None:
     if output_fmt not in ("NCHW", "NHWC"):
         raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC'; got {output_fmt!r}")
+
+
+def make_head(num_features: int, num_classes: int, device=None, dtype=None) -> nn.Module:
+    """The classifier: a Linear, or Identity when ``num_classes`` is 0 (the pooled features come out)."""
+    if num_classes > 0:
+        return nn.Linear(num_features, num_classes, device=device, dtype=dtype)
+    return nn.Identity()
 
 
 def to_output_fmt(x: torch.Tensor, output_fmt: str) -> torch.Tensor:
@@ -59,12 +65,12 @@ class NATModelBase(CheckpointFormatMixin, nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new head on the model's device and dtype, in its train/eval mode; ``global_pool`` None keeps the pooling."""
         if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or ''; got {global_pool!r}")
+            check_global_pool(global_pool)
             self.global_pool = global_pool
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = make_head(self.num_features, num_classes, **get_device_dtype(self)).train(self.training)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "avg":

@@ -19,7 +19,7 @@ from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ._checkpoint import checkpoint_filter_fn
-from ._common import NATModelBase, build_nat_model, check_global_pool, check_output_fmt, to_output_fmt
+from ._common import NATModelBase, build_nat_model, check_global_pool, check_output_fmt, make_head, to_output_fmt
 from .layers import NATLayer, check_dilations, init_weights, per_level
 
 __all__ = ["ConvTokenizer", "ConvDownsampler", "NATLevel", "HierarchicalNAT", "DiNAT", "checkpoint_filter_fn"]
@@ -28,13 +28,14 @@ __all__ = ["ConvTokenizer", "ConvDownsampler", "NATLevel", "HierarchicalNAT", "D
 class ConvTokenizer(nn.Module):
     """Two overlapping 3x3 stride-2 convolutions (no activation between) -> channels-last -> norm."""
 
-    def __init__(self, in_chans: int = 3, embed_dim: int = 64, norm_layer=nn.LayerNorm):
+    def __init__(self, in_chans: int = 3, embed_dim: int = 64, norm_layer=nn.LayerNorm, device=None, dtype=None):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.proj = nn.Sequential(
-            nn.Conv2d(in_chans, embed_dim // 2, kernel_size=3, stride=2, padding=1),
-            nn.Conv2d(embed_dim // 2, embed_dim, kernel_size=3, stride=2, padding=1),
+            nn.Conv2d(in_chans, embed_dim // 2, kernel_size=3, stride=2, padding=1, **dd),
+            nn.Conv2d(embed_dim // 2, embed_dim, kernel_size=3, stride=2, padding=1, **dd),
         )
-        self.norm = norm_layer(embed_dim)
+        self.norm = norm_layer(embed_dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
@@ -43,10 +44,11 @@ class ConvTokenizer(nn.Module):
 class ConvDownsampler(nn.Module):
     """Overlapping 3x3 stride-2 convolution doubling the channels, then norm (channels-last in/out)."""
 
-    def __init__(self, dim: int, norm_layer=nn.LayerNorm):
+    def __init__(self, dim: int, norm_layer=nn.LayerNorm, device=None, dtype=None):
         super().__init__()
-        self.reduction = nn.Conv2d(dim, 2 * dim, kernel_size=3, stride=2, padding=1, bias=False)
-        self.norm = norm_layer(2 * dim)
+        self.reduction = nn.Conv2d(dim, 2 * dim, kernel_size=3, stride=2, padding=1, bias=False, device=device,
+                                   dtype=dtype)
+        self.norm = norm_layer(2 * dim, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.reduction(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
@@ -57,13 +59,14 @@ class NATLevel(nn.Module):
 
     def __init__(self, dim: int, depth: int, num_heads: int, kernel_size: int, dilations: Sequence[int],
                  downsample: Optional[nn.Module], mlp_ratio: float, qkv_bias: bool, drop: float, attn_drop: float,
-                 drop_path: Sequence[float], layer_scale: Optional[float], norm_layer, na_backend: str):
+                 drop_path: Sequence[float], layer_scale: Optional[float], norm_layer, na_backend: str,
+                 device=None, dtype=None):
         super().__init__()
         self.grad_checkpointing = False
         self.blocks = nn.Sequential(*[
             NATLayer(dim, num_heads, kernel_size, dilations[i], mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop,
                      attn_drop=attn_drop, drop_path=drop_path[i], layer_scale=layer_scale, norm_layer=norm_layer,
-                     na_backend=na_backend)
+                     na_backend=na_backend, device=device, dtype=dtype)
             for i in range(depth)
         ])
         self.downsample = downsample
@@ -105,8 +108,11 @@ class HierarchicalNAT(NATModelBase):
             global_pool: str = "avg",
             na_backend: str = "auto",
             norm_layer=nn.LayerNorm,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         check_global_pool(global_pool)
         depths = tuple(depths)
         num_levels = len(depths)
@@ -117,6 +123,7 @@ class HierarchicalNAT(NATModelBase):
         dilations = check_dilations(dilations, depths)
         mlp_ratio = self.default_mlp_ratio if mlp_ratio is None else mlp_ratio
 
+        self.in_chans = in_chans
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.drop_rate = drop_rate
@@ -126,7 +133,7 @@ class HierarchicalNAT(NATModelBase):
         self.output_fmt = "NHWC"
         self.grad_checkpointing = False
 
-        self.patch_embed = self._make_stem(in_chans, embed_dim, norm_layer)
+        self.patch_embed = self._make_stem(in_chans, embed_dim, norm_layer, **dd)
         self.pos_drop = nn.Dropout(p=drop_rate)
         # Stochastic depth rises linearly from 0 to drop_path_rate over all blocks.
         dpr = [r.tolist() for r in torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(depths)]
@@ -137,25 +144,25 @@ class HierarchicalNAT(NATModelBase):
             dim = int(embed_dim * 2 ** i)
             levels.append(NATLevel(
                 dim, depths[i], num_heads[i], kernel_sizes[i], dilations[i],
-                downsample=self._make_downsample(dim, norm_layer) if i < num_levels - 1 else None,
+                downsample=self._make_downsample(dim, norm_layer, **dd) if i < num_levels - 1 else None,
                 mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
-                drop_path=dpr[i], layer_scale=layer_scale, norm_layer=norm_layer, na_backend=na_backend,
+                drop_path=dpr[i], layer_scale=layer_scale, norm_layer=norm_layer, na_backend=na_backend, **dd,
             ))
             self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f"{self.levels_attr}.{i}"))
             reduction *= 2
         setattr(self, self.levels_attr, nn.ModuleList(levels))
-        self.norm = norm_layer(self.num_features)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.norm = norm_layer(self.num_features, **dd)
+        self.head = make_head(self.num_features, num_classes, **dd)
         self.apply(init_weights)
 
     # --- construction hooks -------------------------------------------------------------------
     stem_reduction = 4
 
-    def _make_stem(self, in_chans, embed_dim, norm_layer) -> nn.Module:
-        return ConvTokenizer(in_chans, embed_dim, norm_layer)
+    def _make_stem(self, in_chans, embed_dim, norm_layer, **dd) -> nn.Module:
+        return ConvTokenizer(in_chans, embed_dim, norm_layer, **dd)
 
-    def _make_downsample(self, dim, norm_layer) -> nn.Module:
-        return ConvDownsampler(dim, norm_layer)
+    def _make_downsample(self, dim, norm_layer, **dd) -> nn.Module:
+        return ConvDownsampler(dim, norm_layer, **dd)
 
     def _levels(self) -> nn.ModuleList:
         return getattr(self, self.levels_attr)
@@ -228,7 +235,9 @@ class HierarchicalNAT(NATModelBase):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pos_drop(self.patch_embed(x))
-        for level in self._levels():
+        # The list by its name, not _levels(): TorchScript cannot look an attribute up by a string.
+        # A subclass with another levels_attr overrides this method.
+        for level in self.levels:
             x = level(x)
         return self.norm(x)
 
@@ -237,13 +246,14 @@ class DiNAT(HierarchicalNAT):
     """NAT / DiNAT (NAT is DiNAT with every dilation 1): conv tokenizer, conv downsamplers."""
 
 
-def _cfg(url: str = "", hf: str = "", **kwargs) -> dict:
+def _cfg(url: str = "", hf: str = "", input_size=(3, 224, 224), reduction: int = 32, **kwargs) -> dict:
+    """A pretrained cfg; ``pool_size`` is the unpooled feature map at ``input_size`` (``reduction`` px per token)."""
     return {
         "url": url,
         "hf_hub_id": hf or None,
         "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
+        "input_size": input_size,
+        "pool_size": (input_size[1] // reduction, input_size[2] // reduction),
         "crop_pct": 0.875,
         "interpolation": "bicubic",
         "fixed_input_size": False,

@@ -11,11 +11,11 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.models import generate_default_cfgs, register_model
 
 from ._common import build_nat_model
 from .dinat import _DILATIONS_224, _DILATIONS_384, HierarchicalNAT, _cfg, _dinat_dilations
+from .layers import pad_to_multiple
 
 __all__ = ["PatchEmbed", "PatchMerging", "DiNATs"]
 
@@ -23,32 +23,29 @@ __all__ = ["PatchEmbed", "PatchMerging", "DiNATs"]
 class PatchEmbed(nn.Module):
     """Non-overlapping ``patch_size`` conv -> channels-last -> norm; pads the input up to a multiple."""
 
-    def __init__(self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96, norm_layer=nn.LayerNorm):
+    def __init__(self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96, norm_layer=nn.LayerNorm,
+                 device=None, dtype=None):
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-        self.norm = norm_layer(embed_dim)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, device=device,
+                              dtype=dtype)
+        self.norm = norm_layer(embed_dim, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.patch_size
-        pad_h, pad_w = (-x.shape[-2]) % p, (-x.shape[-1]) % p
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
+        x = pad_to_multiple(x, self.patch_size, channels_last=False)
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
 class PatchMerging(nn.Module):
     """Swin's 2x2 patch merging: concatenate each 2x2 neighbourhood (4C), norm, Linear(4C, 2C)."""
 
-    def __init__(self, dim: int, norm_layer=nn.LayerNorm):
+    def __init__(self, dim: int, norm_layer=nn.LayerNorm, device=None, dtype=None):
         super().__init__()
-        self.norm = norm_layer(4 * dim)
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = norm_layer(4 * dim, device=device, dtype=dtype)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
-        if H % 2 or W % 2:  # odd maps get a zero row/column, as in Swin
-            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+        x = pad_to_multiple(x, 2, channels_last=True)  # odd maps get a zero row/column, as in Swin
         # Channel order x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2] (the checkpoints' order).
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
         return self.reduction(self.norm(x))
@@ -58,11 +55,17 @@ class DiNATs(HierarchicalNAT):
     levels_attr = "layers"
     default_mlp_ratio = 4.0
 
-    def _make_stem(self, in_chans, embed_dim, norm_layer) -> nn.Module:
-        return PatchEmbed(4, in_chans, embed_dim, norm_layer)
+    def _make_stem(self, in_chans, embed_dim, norm_layer, **dd) -> nn.Module:
+        return PatchEmbed(4, in_chans, embed_dim, norm_layer, **dd)
 
-    def _make_downsample(self, dim, norm_layer) -> nn.Module:
-        return PatchMerging(dim, norm_layer)
+    def _make_downsample(self, dim, norm_layer, **dd) -> nn.Module:
+        return PatchMerging(dim, norm_layer, **dd)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pos_drop(self.patch_embed(x))
+        for level in self.layers:  # by name, not _levels(): TorchScript cannot look an attribute up
+            x = level(x)
+        return self.norm(x)
 
 
 _URL = "https://shilab.cs.uoregon.edu/projects/dinat/checkpoints/imagenet1k/"

@@ -16,7 +16,7 @@ import torch.nn as nn
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ._common import NATModelBase, build_nat_model, check_global_pool, check_output_fmt, to_output_fmt
+from ._common import NATModelBase, build_nat_model, check_global_pool, check_output_fmt, make_head, to_output_fmt
 from .dinat import _alternate, _cfg
 from .dinat_s import PatchEmbed
 from .layers import GlobalAttentionRPB, NATLayer, init_weights, is_int, is_sequence
@@ -48,8 +48,11 @@ class NATIsotropic(NATModelBase):
             global_pool: str = "avg",
             na_backend: str = "auto",
             norm_layer=nn.LayerNorm,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         if attention not in ("na", "global"):
             raise ValueError(f"attention must be 'na' (neighborhood) or 'global' (self-attention + RPB); got {attention!r}")
         check_global_pool(global_pool)
@@ -57,13 +60,14 @@ class NATIsotropic(NATModelBase):
             dilations = [1] * depth
         if not is_sequence(dilations) or len(dilations) != depth or not all(is_int(d, 1) for d in dilations):
             raise ValueError(f"dilations must hold one int >= 1 per block (depth {depth}); got {dilations!r}")
+        self.in_chans = in_chans
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.embed_dim = self.num_features = self.head_hidden_size = embed_dim
         self.output_fmt = "NHWC"
         self.grad_checkpointing = False
 
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, norm_layer)
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, norm_layer, **dd)
         self.pos_drop = nn.Dropout(p=drop_rate)
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         blocks = []
@@ -71,16 +75,16 @@ class NATIsotropic(NATModelBase):
             attn = None
             if attention == "global":
                 attn = GlobalAttentionRPB(embed_dim, num_heads, img_size // patch_size, qkv_bias=qkv_bias,
-                                          attn_drop=attn_drop_rate, proj_drop=drop_rate)
+                                          attn_drop=attn_drop_rate, proj_drop=drop_rate, **dd)
             blocks.append(NATLayer(
                 embed_dim, num_heads, kernel_size, dilations[i], mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                 drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i], layer_scale=layer_scale,
-                norm_layer=norm_layer, na_backend=na_backend, attn=attn,
+                norm_layer=norm_layer, na_backend=na_backend, attn=attn, **dd,
             ))
         self.layers = nn.Sequential(*blocks)
         self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f"layers.{i}") for i in range(depth)]
-        self.norm = norm_layer(embed_dim)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.norm = norm_layer(embed_dim, **dd)
+        self.head = make_head(embed_dim, num_classes, **dd)
         self.apply(init_weights)
 
     # --- timm model interface (the rest is NATModelBase's) ---------------------------------------
@@ -134,7 +138,7 @@ class NATIsotropic(NATModelBase):
 
 _URL = "https://shilab.cs.uoregon.edu/projects/dinat/checkpoints/isotropic/"
 _PAPER = dict(paper_ids="arXiv:2209.15001", paper_name="Dilated Neighborhood Attention Transformer",
-              first_conv="patch_embed.proj")
+              first_conv="patch_embed.proj", reduction=16)
 
 default_cfgs = generate_default_cfgs({
     "nat_isotropic_small.in1k": _cfg(_URL + "nat_isotropic_small_in1k_224.pth", **_PAPER),

@@ -4,8 +4,6 @@ Tensors are channels-last, ``[B, H, W, C]``, end to end (as in the original DiNA
 heads-last layout of ``kernels.na2d`` is a free reshape of the qkv projection.
 """
 
-from __future__ import annotations
-
 import functools
 import numbers
 from typing import Optional, Sequence
@@ -13,7 +11,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, register_notrace_function, register_notrace_module, trunc_normal_
 
 import kernels
 
@@ -26,6 +24,7 @@ __all__ = [
     "is_int",
     "check_dilations",
     "init_weights",
+    "pad_to_multiple",
 ]
 
 
@@ -76,13 +75,30 @@ def _check_heads(dim: int, num_heads: int) -> int:
     return dim // num_heads
 
 
-def _rpb_table(num_heads: int, size: int) -> nn.Parameter:
+def _rpb_table(num_heads: int, size: int, device=None, dtype=None) -> nn.Parameter:
     """A ``[heads, 2 * size - 1, 2 * size - 1]`` relative position bias table, trunc-normal(0.02) init."""
-    rpb = nn.Parameter(torch.zeros(num_heads, 2 * size - 1, 2 * size - 1))
+    rpb = nn.Parameter(torch.zeros(num_heads, 2 * size - 1, 2 * size - 1, device=device, dtype=dtype))
     trunc_normal_(rpb, std=0.02)
     return rpb
 
 
+# FX: how much to pad depends on the traced input's size, so timm's tracer keeps this call whole.
+@register_notrace_function
+def pad_to_multiple(x: torch.Tensor, multiple: int, channels_last: bool) -> torch.Tensor:
+    """Zero-pad the bottom and right of an NHWC (``channels_last``) or NCHW map to multiples of ``multiple``."""
+    if channels_last:
+        height, width = x.shape[1], x.shape[2]
+    else:
+        height, width = x.shape[-2], x.shape[-1]
+    pad_h, pad_w = (-height) % multiple, (-width) % multiple
+    if pad_h == 0 and pad_w == 0:
+        return x
+    return F.pad(x, [0, 0, 0, pad_w, 0, pad_h] if channels_last else [0, pad_w, 0, pad_h])
+
+
+# FX (timm's tracer) keeps the attention layers as leaves: their padding and bias lookup depend on
+# the map size. TorchScript compiles them, calling back into Python only for the kernels' dispatch.
+@register_notrace_module
 class NeighborhoodAttention2d(nn.Module):
     """Multi-head 2-D (dilated) neighborhood attention with relative position bias.
 
@@ -94,8 +110,9 @@ class NeighborhoodAttention2d(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, kernel_size: int = 7, dilation: int = 1,
                  qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
-                 backend: str = "auto"):
+                 backend: str = "auto", device=None, dtype=None):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.head_dim = _check_heads(dim, num_heads)
         if not is_int(kernel_size, 3) or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be an odd int >= 3 (the rpb needs a centre); got {kernel_size!r}")
@@ -106,10 +123,10 @@ class NeighborhoodAttention2d(nn.Module):
         self.dilation = int(dilation)
         self.scale = self.head_dim ** -0.5
         self.backend = backend
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.rpb = _rpb_table(num_heads, self.kernel_size)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.rpb = _rpb_table(num_heads, self.kernel_size, **dd)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def extra_repr(self) -> str:
@@ -120,22 +137,25 @@ class NeighborhoodAttention2d(nn.Module):
         window = self.kernel_size * self.dilation
         pad_b, pad_r = max(0, window - H), max(0, window - W)
         if pad_b or pad_r:
-            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+            x = F.pad(x, [0, 0, 0, pad_r, 0, pad_b])
         Hp, Wp = x.shape[1], x.shape[2]
         q, k, v = self.qkv(x).reshape(B, Hp, Wp, 3, self.num_heads, self.head_dim).unbind(3)
+        x = self.attend(q, k, v).reshape(B, Hp, Wp, C)
+        if pad_b or pad_r:
+            x = x[:, :H, :W, :]
+        return self.proj_drop(self.proj(x))
+
+    @torch.jit.ignore  # the kernels' argument checks and backend dispatch are Python, not TorchScript
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Heads-last ``[B, H, W, heads, head_dim]`` q, k, v -> the attention output, same layout."""
         if self.training and self.attn_drop.p > 0:
             # Dropout on the attention weights needs them materialised: the unfused qk / av ops.
             attn = kernels.na2d_qk(q * self.scale, k, self.kernel_size, self.dilation, rpb=self.rpb,
                                    backend=self.backend)
             attn = self.attn_drop(attn.softmax(dim=-1))
-            x = kernels.na2d_av(attn, v, self.kernel_size, self.dilation, backend=self.backend)
-        else:
-            x = kernels.na2d(q, k, v, self.kernel_size, self.dilation, rpb=self.rpb, scale=self.scale,
-                             backend=self.backend)
-        x = x.reshape(B, Hp, Wp, C)
-        if pad_b or pad_r:
-            x = x[:, :H, :W, :]
-        return self.proj_drop(self.proj(x))
+            return kernels.na2d_av(attn, v, self.kernel_size, self.dilation, backend=self.backend)
+        return kernels.na2d(q, k, v, self.kernel_size, self.dilation, rpb=self.rpb, scale=self.scale,
+                            backend=self.backend)
 
 
 @functools.lru_cache(maxsize=32)
@@ -153,6 +173,7 @@ def _global_rpb_index(height: int, width: int, table_size: int) -> torch.Tensor:
     return dy * (2 * table_size - 1) + dx
 
 
+@register_notrace_module  # FX: see NeighborhoodAttention2d
 class GlobalAttentionRPB(nn.Module):
     """Plain multi-head self-attention over the whole map with a 2-D relative position bias.
 
@@ -162,35 +183,41 @@ class GlobalAttentionRPB(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, input_size: int, qkv_bias: bool = True,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, device=None, dtype=None):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         self.head_dim = _check_heads(dim, num_heads)
         self.num_heads = num_heads
         self.input_size = int(input_size)
         self.scale = self.head_dim ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.rpb = _rpb_table(num_heads, self.input_size)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.rpb = _rpb_table(num_heads, self.input_size, **dd)
         self.attn_drop_p = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, input_size={self.input_size}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
+    @torch.jit.ignore  # TorchScript: the index table is cached by a Python lru_cache
+    def relative_bias(self, height: int, width: int) -> torch.Tensor:
+        """The ``[heads, N, N]`` additive bias for an ``height x width`` map (``N = height * width``)."""
         table, size = self.rpb, self.input_size
-        if H > size or W > size:
+        if height > size or width > size:
             # A map larger than the table was trained for: resize the table bicubically to cover it
             # (the same resampling the authors used to move RPBs to a new kernel size).
-            size = max(H, W)
+            size = max(height, width)
             table = F.interpolate(self.rpb.unsqueeze(0), size=(2 * size - 1, 2 * size - 1), mode="bicubic",
                                   align_corners=False).squeeze(0)
+        index = _global_rpb_index(height, width, size).to(table.device)
+        return table.reshape(self.num_heads, -1)[:, index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
         N = H * W
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, heads, N, head_dim]
-        index = _global_rpb_index(H, W, size).to(x.device)
-        bias = table.reshape(self.num_heads, -1)[:, index].to(q.dtype)  # [heads, N, N]
+        bias = self.relative_bias(H, W).to(q.dtype)
         x = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias.unsqueeze(0), dropout_p=self.attn_drop_p if self.training else 0.0,
             scale=self.scale,
@@ -210,28 +237,34 @@ class NATLayer(nn.Module):
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0,
                  drop_path: float = 0.0, layer_scale: Optional[float] = None,
                  norm_layer=nn.LayerNorm, act_layer=nn.GELU, na_backend: str = "auto",
-                 attn: Optional[nn.Module] = None):
+                 attn: Optional[nn.Module] = None, device=None, dtype=None):
         super().__init__()
-        self.norm1 = norm_layer(dim)
+        dd = dict(device=device, dtype=dtype)
+        self.norm1 = norm_layer(dim, **dd)
         self.attn = attn if attn is not None else NeighborhoodAttention2d(
             dim, num_heads, kernel_size, dilation, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop,
-            backend=na_backend,
+            backend=na_backend, **dd,
         )
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        self.norm2 = norm_layer(dim, **dd)
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=drop, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.layer_scale = layer_scale is not None
         if self.layer_scale:
             if isinstance(layer_scale, bool) or not isinstance(layer_scale, numbers.Real):
                 raise TypeError(f"layer_scale must be None or a float; got {layer_scale!r}")
-            self.gamma1 = nn.Parameter(layer_scale * torch.ones(dim))
-            self.gamma2 = nn.Parameter(layer_scale * torch.ones(dim))
+            self.gamma1 = nn.Parameter(torch.full((dim,), float(layer_scale), **dd))
+            self.gamma2 = nn.Parameter(torch.full((dim,), float(layer_scale), **dd))
+        else:
+            # None parameters (not in the state dict) keep both branches of forward() scriptable.
+            self.register_parameter("gamma1", None)
+            self.register_parameter("gamma2", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layer_scale:
-            x = x + self.drop_path1(self.gamma1 * self.attn(self.norm1(x)))
-            return x + self.drop_path2(self.gamma2 * self.mlp(self.norm2(x)))
+        gamma1, gamma2 = self.gamma1, self.gamma2
+        if gamma1 is not None and gamma2 is not None:
+            x = x + self.drop_path1(gamma1 * self.attn(self.norm1(x)))
+            return x + self.drop_path2(gamma2 * self.mlp(self.norm2(x)))
         x = x + self.drop_path1(self.attn(self.norm1(x)))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 

@@ -8,6 +8,8 @@ state-dict round trip through the original and the Hugging Face checkpoint layou
 
 from __future__ import annotations
 
+import copy
+import inspect
 import re
 
 import pytest
@@ -435,3 +437,175 @@ def test_features_only_prunes_unused_levels():
     maps = features(torch.randn(1, 3, 64, 64))
     assert [tuple(m.shape) for m in maps] == [(1, 32, 16, 16), (1, 64, 8, 8)]
     assert features.feature_info.channels() == [32, 64] and features.feature_info.reduction() == [4, 8]
+
+
+# --- timm's model conventions ---------------------------------------------------------------------
+# What timm's own model suite (tests/test_models.py of timm) checks for its models, asserted here in
+# our words on shrunk models so that CI guards it; docs/models.md records a run of timm's suite itself.
+
+FAMILY_REPRESENTATIVES = ["dinat_mini", "dinat_s_tiny", "dinat_isotropic_small", "vitrpb_small"]
+TAGGED = sorted(timm.list_models(module=["dinat", "dinat_s", "isotropic"], include_tags=True))
+
+
+def _unpooled_shape(model: nn.Module, batch: int, size: int) -> tuple:
+    """The NHWC map ``forward_features`` returns for ``size`` px inputs (the last tap's reduction)."""
+    side = size // model.feature_info[-1]["reduction"]
+    return (batch, side, side, model.num_features)
+
+
+@pytest.mark.parametrize("tagged", TAGGED)
+def test_pretrained_cfg_describes_the_model(tagged):
+    name = tagged.split(".")[0]
+    model = timm.create_model(tagged, **shrunk(name))
+    cfg = model.pretrained_cfg
+    assert model.in_chans == cfg["input_size"][0] == 3 and model.output_fmt == "NHWC"
+    # pool_size: the unpooled feature map at the cfg's input size
+    reduction = model.feature_info[-1]["reduction"]
+    assert reduction == (16 if is_isotropic(name) else 32)
+    assert cfg["pool_size"] == (cfg["input_size"][1] // reduction, cfg["input_size"][2] // reduction)
+    params = dict(model.named_parameters())
+    assert params[f"{cfg['first_conv']}.weight"].ndim == 4  # the stem convolution, as timm adapts in_chans
+    assert params[f"{cfg['classifier']}.weight"].shape == (cfg["num_classes"], model.num_features)
+    assert model.head_hidden_size == model.num_features
+
+
+@pytest.mark.parametrize("tagged", ["dinat_mini.in1k", "dinat_large_384.in22k_ft_in1k", "dinat_s_large_384.in22k_ft_in1k",
+                                    "nat_isotropic_small.in1k", "vitrpb_small.in1k"])
+def test_features_at_the_cfg_input_size(tagged):
+    # Shapes only: the meta device runs no arithmetic, so the full cfg input size costs nothing.
+    name = tagged.split(".")[0]
+    model = timm.create_model(tagged, device="meta", **shrunk(name)).eval()
+    size = model.pretrained_cfg["input_size"][-1]
+    features = model.forward_features(torch.empty(2, 3, size, size, device="meta"))
+    assert features.shape == (2, *model.pretrained_cfg["pool_size"], model.num_features)
+    assert model.forward_head(features, pre_logits=True).shape == (2, model.head_hidden_size)
+
+
+@pytest.mark.parametrize("name", FAMILY_REPRESENTATIVES)
+def test_classifier_removal_and_reset(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, **shrunk(name, num_classes=5)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    assert inspect.signature(model.reset_classifier).parameters["global_pool"].default is None
+    with torch.no_grad():
+        pre_logits = model.forward_head(model.forward_features(x), pre_logits=True)
+        model.reset_classifier(0)  # keeps the pooling: forward gives the pre-logits
+        assert model.num_classes == 0
+        torch.testing.assert_close(model(x), pre_logits)
+        model.reset_classifier(0, "")  # no pooling either: the unpooled map
+        torch.testing.assert_close(model(x), model.forward_features(x))
+        assert model(x).shape == _unpooled_shape(model, 1, 64)
+        assert timm.create_model(name, **shrunk(name, num_classes=0))(x).shape == pre_logits.shape
+        unpooled = timm.create_model(name, **shrunk(name, num_classes=0, global_pool=""))
+        assert unpooled(x).shape == _unpooled_shape(model, 1, 64)
+
+        # a new head follows the model's dtype and train/eval mode, and pools again when asked
+        model.to(dtype=torch.float64)
+        model.reset_classifier(3, "avg")
+        head = model.get_classifier()
+        assert (head.weight.dtype, head.training) == (torch.float64, False)
+        assert model(x.double()).shape == (1, 3)
+
+    # a frozen model stays frozen through head removal
+    frozen = timm.create_model(name, **shrunk(name)).requires_grad_(False)
+    frozen.reset_classifier(0)
+    frozen.reset_classifier(0, "")
+    assert not any(p.requires_grad for p in frozen.parameters())
+
+
+@pytest.mark.parametrize("name", FAMILY_REPRESENTATIVES)
+def test_factory_device_dtype_and_unknown_arguments(name):
+    model = timm.create_model(name, device="meta", dtype=torch.float64, **shrunk(name))
+    assert {(t.device.type, t.dtype) for t in [*model.parameters(), *model.buffers()]} == {("meta", torch.float64)}
+    model.reset_classifier(4)
+    assert (model.head.weight.device.type, model.head.weight.dtype) == ("meta", torch.float64)
+    with pytest.raises(TypeError):
+        timm.create_model(name, not_a_model_argument=1)
+    # a dtype change after a forward leaves nothing behind in the old dtype
+    model = timm.create_model(name, **shrunk(name)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+        assert model.to(torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_optimizer_hooks_match_parameters():
+    # group_matcher must split the model (layer decay), no_weight_decay must name real parameters.
+    from timm.models._manipulate import group_parameters
+
+    for name in FAMILY_REPRESENTATIVES:
+        model = timm.create_model(name, **shrunk(name))
+        groups = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+        assert len(set(groups.values())) > 1, name
+        names = {n for n, _ in model.named_parameters()}
+        assert model.no_weight_decay() <= names and model.no_weight_decay(), name
+
+
+class _TimmTracer(torch.fx.Tracer):
+    """torch.fx with timm's leaf modules and wrapped functions, as timm's FX feature extraction traces."""
+
+    def __init__(self):
+        from timm.models import get_notrace_functions, get_notrace_modules
+
+        super().__init__(autowrap_functions=tuple(get_notrace_functions()), param_shapes_constant=True)
+        self.leaf_types = tuple(get_notrace_modules())
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, self.leaf_types) or super().is_leaf_module(module, qualified_name)
+
+
+def _fx_trace(model: nn.Module) -> torch.fx.GraphModule:
+    return torch.fx.GraphModule(model, _TimmTracer().trace(model))
+
+
+@pytest.mark.parametrize("name", FAMILY_REPRESENTATIVES)
+def test_torchscript_and_fx(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, **shrunk(name, num_classes=5, layer_scale=1e-2)).eval()
+    x = torch.randn(2, 3, 40, 56)  # not a multiple of the patch size: the padding paths run too
+    with torch.no_grad():
+        expected = model(x)
+        with timm.set_scriptable(True):
+            scripted = torch.jit.script(model)
+        torch.testing.assert_close(scripted(x), expected)
+        traced = _fx_trace(model)
+        torch.testing.assert_close(traced(x), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.jit.script(traced)(x), expected, rtol=1e-4, atol=1e-5)
+    # backward through the traced graph reaches every parameter
+    traced.train()
+    traced(x).mean().backward()
+    assert all(p.grad is not None for p in traced.parameters())
+
+
+@pytest.mark.parametrize("name", ["dinat_mini", "dinat_s_tiny", "nat_isotropic_small"])
+def test_forward_intermediates_stop_early_and_pruning(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, **shrunk(name, num_classes=5)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    num_taps = len(model.feature_info)
+    assert num_taps >= 2
+    with torch.no_grad():
+        expected = model(x)
+        final, taps = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+        assert [t.shape[1] for t in taps] == [f["num_chs"] for f in model.feature_info]
+        assert [64 // t.shape[-1] for t in taps] == [f["reduction"] for f in model.feature_info]
+        model.set_grad_checkpointing(True)
+        torch.testing.assert_close(model.forward_intermediates(x)[0], final)
+        model.set_grad_checkpointing(False)
+        kept_head = copy.deepcopy(model)
+        kept_head.prune_intermediate_layers([num_taps - 1], prune_head=False)
+        torch.testing.assert_close(kept_head(x), expected)
+        for i in range(num_taps):
+            early = model.forward_intermediates(x, indices=[i], stop_early=True, intermediates_only=True)
+            torch.testing.assert_close(early[0], taps[i])
+            pruned = copy.deepcopy(model)
+            indices = pruned.prune_intermediate_layers([i], prune_norm=True)
+            torch.testing.assert_close(pruned.forward_intermediates(x, indices=indices, intermediates_only=True)[0],
+                                       taps[i])
+            if i < num_taps - 1:  # without the final norm the features end at the tap
+                torch.testing.assert_close(pruned.forward_features(x).permute(0, 3, 1, 2), taps[i])
+    # a pruned model trains: every parameter left is used
+    pruned.train()
+    sum(t.sum() for t in pruned.forward_intermediates(x, indices=indices, intermediates_only=True)).backward()
+    assert all(p.grad is not None for p in pruned.parameters())
