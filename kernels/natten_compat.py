@@ -82,6 +82,10 @@ def get_backend() -> str:
 # ---------------------------------------------------------------------------------------------
 
 _AXES = {1: "[length]", 2: "[height, width]", 3: "[depth, height, width]"}
+# Our heads-last ops by rank.
+API_NA = {1: api.na1d, 2: api.na2d, 3: api.na3d}
+API_QK = {1: api.na1d_qk, 2: api.na2d_qk, 3: api.na3d_qk}
+API_AV = {1: api.na1d_av, 2: api.na2d_av, 3: api.na3d_av}
 
 
 def _is_int(v) -> bool:
@@ -180,7 +184,7 @@ def _qk(ndim, query, key, kernel_size, dilation, additional_keys, is_causal, rpb
     _check_causal_rpb(fn, causal, rpb)
     if rpb is not None and isinstance(rpb, Tensor):
         rpb = rpb.to(key.dtype)  # as NATTEN did
-    attn = api._qk(ndim, _to_last(query), _to_last(key), ks, dil, causal, rpb, _BACKEND)
+    attn = API_QK[ndim](_to_last(query), _to_last(key), ks, dil, causal, rpb, backend=_BACKEND)
     attn = _to_first(attn)
     if additional_keys is None:
         return attn
@@ -203,7 +207,8 @@ def _av(ndim, attn, value, kernel_size, dilation, additional_values, is_causal, 
             f"and prod(kernel_size) = {window}" + (f" + {extra} additional tokens" if extra else "")
             + f" weights); got {list(attn.shape)}")
     attn = attn.to(value.dtype)  # as NATTEN did
-    out = _to_first(api._av(ndim, _to_last(attn[..., :window]), _to_last(value), ks, dil, causal, _BACKEND))
+    out = API_AV[ndim](_to_last(attn[..., :window]), _to_last(value), ks, dil, causal, backend=_BACKEND)
+    out = _to_first(out)
     if extra:
         weights = attn[..., window:].flatten(2, -2)  # [B, heads, N, T]
         out = out + (weights @ additional_values.to(value.dtype)).reshape(value.shape)
@@ -226,7 +231,7 @@ def _fused(ndim, query, key, value, kernel_size, dilation, is_causal, rpb, scale
     if (additional_keys is None) != (additional_values is None):
         raise NattenArgumentError(f"{fn}: additional_keys and additional_values must be given together")
     if additional_keys is None:
-        return api._na(ndim, query, key, value, ks, dil, causal, rpb, scale, _BACKEND, False)
+        return API_NA[ndim](query, key, value, ks, dil, causal, rpb, scale, backend=_BACKEND)
     unknown = sorted(set(xformers_kwargs or {}) - {"scale"})
     if unknown:
         raise NotImplementedError(f"{fn}: xformers_kwargs {unknown} have no meaning here (no xFormers is used)")
@@ -240,11 +245,11 @@ def _fused(ndim, query, key, value, kernel_size, dilation, is_causal, rpb, scale
         raise NattenArgumentError(f"{fn}: additional_keys and additional_values hold different token counts "
                                   f"({extra_k.shape[1]} and {extra_v.shape[1]})")
     q = query * scale
-    logits = api._qk(ndim, q, key, ks, dil, causal, rpb, _BACKEND)  # [B, *spatial, heads, K]
+    logits = API_QK[ndim](q, key, ks, dil, causal, rpb, backend=_BACKEND)  # [B, *spatial, heads, K]
     extra = torch.einsum("b...hd,bthd->b...ht", q, extra_k)
     attn = torch.cat([logits, extra], dim=-1).softmax(dim=-1)
     window = math.prod(ks)
-    out = api._av(ndim, attn[..., :window].contiguous(), value, ks, dil, causal, _BACKEND)
+    out = API_AV[ndim](attn[..., :window].contiguous(), value, ks, dil, causal, backend=_BACKEND)
     return out + torch.einsum("b...ht,bthd->b...hd", attn[..., window:], extra_v)
 
 
@@ -258,7 +263,7 @@ def na1d_qk(query: Tensor, key: Tensor, kernel_size: IntOrTuple, dilation: IntOr
 def na2d_qk(query: Tensor, key: Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
             additional_keys: Optional[Tensor] = None, is_causal: Optional[BoolOrTuple] = False,
             rpb: Optional[Tensor] = None) -> Tensor:
-    """``q . k (+ rpb)`` over 2-D windows; heads-first ``[B, heads, H, W, D]`` -> ``[B, heads, H, W, k*k (+ extra)]``."""
+    """``q . k (+ rpb)`` over 2-D windows; heads-first ``[B, heads, H, W, D]`` -> ``[..., k*k (+ extra)]``."""
     return _qk(2, query, key, kernel_size, dilation, additional_keys, is_causal, rpb, "na2d_qk")
 
 
@@ -277,7 +282,7 @@ def na1d_av(attn: Tensor, value: Tensor, kernel_size: IntOrTuple, dilation: IntO
 
 def na2d_av(attn: Tensor, value: Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
             additional_values: Optional[Tensor] = None, is_causal: Optional[BoolOrTuple] = False) -> Tensor:
-    """Window-weighted sum of values; heads-first ``attn [B, heads, H, W, k*k (+ extra)]``, ``value [B, heads, H, W, D]``."""
+    """Window-weighted sum of values; heads-first ``attn [B, heads, H, W, k*k (+ extra)]``, ``value [..., D]``."""
     return _av(2, attn, value, kernel_size, dilation, additional_values, is_causal, "na2d_av")
 
 

@@ -28,7 +28,6 @@ import torch
 import torch.nn as nn
 from torch.nn.init import trunc_normal_
 
-from kernels import api
 from kernels import natten_compat as F
 
 __all__ = ["NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D",
@@ -86,11 +85,11 @@ class _NeighborhoodAttention(nn.Module):
         # NATTEN 0.17 silently skipped attention dropout on its fused path; weights are materialised
         # instead whenever dropout is active, so it is always applied.
         if fused and not (self.training and self.attn_drop_rate > 0):
-            out = api._na(self.ndim, q, k, v, *params, self.rpb, self.scale, F.get_backend(), False)
+            out = F.API_NA[self.ndim](q, k, v, *params, self.rpb, self.scale, backend=F.get_backend())
         else:
-            attn = api._qk(self.ndim, q * self.scale, k, *params, self.rpb, F.get_backend())
+            attn = F.API_QK[self.ndim](q * self.scale, k, *params, self.rpb, backend=F.get_backend())
             attn = self.attn_drop(attn.softmax(dim=-1))
-            out = api._av(self.ndim, attn, v, *params, F.get_backend())
+            out = F.API_AV[self.ndim](attn, v, *params, backend=F.get_backend())
         return self.proj_drop(self.proj(out.reshape(x.shape)))
 
     def extra_repr(self) -> str:

@@ -391,3 +391,25 @@ def test_hf_dinat_runs_unmodified_and_matches_our_model(clean_natten):
     assert hf_rpb is not None and hf_rpb.abs().sum() > 0
     torch.testing.assert_close(hf_rpb, our_rpb, rtol=1e-9, atol=1e-9)
     assert transformers.utils.import_utils.is_natten_available()
+
+
+def test_hf_nat_runs_unmodified_and_matches_our_model(clean_natten):
+    """NAT (no dilation; a deprecated model in transformers 4.x) goes through the same patch."""
+    pytest.importorskip("transformers")
+    import timm
+
+    if "transformers.models.deprecated.nat.modeling_nat" not in M.patch_transformers():
+        pytest.skip("this transformers release has no NAT")
+    from transformers import NatConfig, NatForImageClassification
+
+    config = NatConfig(embed_dim=8, depths=[1, 2], num_heads=[1, 2], kernel_size=5, mlp_ratio=2.0,
+                       drop_path_rate=0.0, num_labels=3)
+    hf = NatForImageClassification(config).double().eval()
+    ours = timm.create_model("nat_mini", num_classes=3, embed_dim=8, depths=[1, 2], num_heads=[1, 2], kernel_size=5,
+                             mlp_ratio=2.0, drop_path_rate=0.0).double().eval()
+    ours.load_state_dict(hf.state_dict())
+    x = torch.randn(1, 3, 24, 24, dtype=torch.float64)
+    logits = hf(x).logits
+    torch.testing.assert_close(logits, ours(x), rtol=1e-10, atol=1e-10)
+    logits.sum().backward()
+    assert torch.isfinite(hf.nat.encoder.levels[0].layers[0].attention.self.rpb.grad).all()
