@@ -31,12 +31,13 @@ from __future__ import annotations
 import math
 import numbers
 from enum import Enum
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from . import api, backends
+from .api import BoolOrTuple, IntOrTuple
 
 __all__ = [
     # 0.17 ops
@@ -49,9 +50,6 @@ __all__ = [
     "NattenArgumentError", "use_backend", "get_backend",
     "FUNCTIONAL_NAMES", "CONTEXT_NAMES",
 ]
-
-IntOrTuple = Union[int, Sequence[int]]
-BoolOrTuple = Union[bool, Sequence[bool]]
 
 
 class NattenArgumentError(ValueError, RuntimeError):
@@ -253,70 +251,39 @@ def _fused(ndim, query, key, value, kernel_size, dilation, is_causal, rpb, scale
     return out + torch.einsum("b...ht,bthd->b...hd", attn[..., window:], extra_v)
 
 
-def na1d_qk(query: Tensor, key: Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
-            additional_keys: Optional[Tensor] = None, is_causal: Optional[BoolOrTuple] = False,
-            rpb: Optional[Tensor] = None) -> Tensor:
-    """``q . k (+ rpb)`` over 1-D windows; heads-first ``[B, heads, L, D]`` -> ``[B, heads, L, k (+ extra)]``."""
-    return _qk(1, query, key, kernel_size, dilation, additional_keys, is_causal, rpb, "na1d_qk")
+def _make(ndim: int):
+    """NATTEN 0.17.4's three ``na{ndim}d*`` ops, with its signatures (keyword names and order)."""
+
+    def na_qk(query: Tensor, key: Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
+              additional_keys: Optional[Tensor] = None, is_causal: Optional[BoolOrTuple] = False,
+              rpb: Optional[Tensor] = None) -> Tensor:
+        return _qk(ndim, query, key, kernel_size, dilation, additional_keys, is_causal, rpb, f"na{ndim}d_qk")
+
+    def na_av(attn: Tensor, value: Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
+              additional_values: Optional[Tensor] = None, is_causal: Optional[BoolOrTuple] = False) -> Tensor:
+        return _av(ndim, attn, value, kernel_size, dilation, additional_values, is_causal, f"na{ndim}d_av")
+
+    def na(query: Tensor, key: Tensor, value: Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
+           is_causal: Optional[BoolOrTuple] = False, rpb: Optional[Tensor] = None, scale: Optional[float] = None,
+           additional_keys: Optional[Tensor] = None, additional_values: Optional[Tensor] = None,
+           xformers_kwargs: Optional[dict] = None) -> Tensor:
+        return _fused(ndim, query, key, value, kernel_size, dilation, is_causal, rpb, scale, additional_keys,
+                      additional_values, xformers_kwargs, f"na{ndim}d")
+
+    first, last, axes = _heads_first(ndim), _heads_last(ndim), _AXES[ndim][1:-1]
+    na_qk.__doc__ = (f"``q . k (+ rpb)`` over {ndim}-D windows, unscaled. query, key: heads-first {first}; "
+                     f"returns [batch, heads, {axes}, prod(kernel_size) (+ additional tokens)].")
+    na_av.__doc__ = (f"Window-weighted sum of values. attn: [batch, heads, {axes}, prod(kernel_size) "
+                     f"(+ additional tokens)]; value: heads-first {first}.")
+    na.__doc__ = f"Fused {ndim}-D neighborhood attention; query, key, value heads-last {last}."
+    for f, suffix in ((na_qk, "_qk"), (na_av, "_av"), (na, "")):
+        f.__name__ = f.__qualname__ = f"na{ndim}d{suffix}"
+    return na_qk, na_av, na
 
 
-def na2d_qk(query: Tensor, key: Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
-            additional_keys: Optional[Tensor] = None, is_causal: Optional[BoolOrTuple] = False,
-            rpb: Optional[Tensor] = None) -> Tensor:
-    """``q . k (+ rpb)`` over 2-D windows; heads-first ``[B, heads, H, W, D]`` -> ``[..., k*k (+ extra)]``."""
-    return _qk(2, query, key, kernel_size, dilation, additional_keys, is_causal, rpb, "na2d_qk")
-
-
-def na3d_qk(query: Tensor, key: Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
-            additional_keys: Optional[Tensor] = None, is_causal: Optional[BoolOrTuple] = False,
-            rpb: Optional[Tensor] = None) -> Tensor:
-    """``q . k (+ rpb)`` over 3-D windows; heads-first ``[B, heads, D, H, W, C]`` -> ``[..., prod(k) (+ extra)]``."""
-    return _qk(3, query, key, kernel_size, dilation, additional_keys, is_causal, rpb, "na3d_qk")
-
-
-def na1d_av(attn: Tensor, value: Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
-            additional_values: Optional[Tensor] = None, is_causal: Optional[BoolOrTuple] = False) -> Tensor:
-    """Window-weighted sum of values; heads-first ``attn [B, heads, L, k (+ extra)]``, ``value [B, heads, L, D]``."""
-    return _av(1, attn, value, kernel_size, dilation, additional_values, is_causal, "na1d_av")
-
-
-def na2d_av(attn: Tensor, value: Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
-            additional_values: Optional[Tensor] = None, is_causal: Optional[BoolOrTuple] = False) -> Tensor:
-    """Window-weighted sum of values; heads-first ``attn [B, heads, H, W, k*k (+ extra)]``, ``value [..., D]``."""
-    return _av(2, attn, value, kernel_size, dilation, additional_values, is_causal, "na2d_av")
-
-
-def na3d_av(attn: Tensor, value: Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
-            additional_values: Optional[Tensor] = None, is_causal: Optional[BoolOrTuple] = False) -> Tensor:
-    """Window-weighted sum of values; heads-first ``attn [B, heads, D, H, W, prod(k) (+ extra)]``."""
-    return _av(3, attn, value, kernel_size, dilation, additional_values, is_causal, "na3d_av")
-
-
-def na1d(query: Tensor, key: Tensor, value: Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
-         is_causal: Optional[BoolOrTuple] = False, rpb: Optional[Tensor] = None, scale: Optional[float] = None,
-         additional_keys: Optional[Tensor] = None, additional_values: Optional[Tensor] = None,
-         xformers_kwargs: Optional[dict] = None) -> Tensor:
-    """Fused 1-D neighborhood attention, heads-last ``[B, L, heads, D]``."""
-    return _fused(1, query, key, value, kernel_size, dilation, is_causal, rpb, scale, additional_keys,
-                  additional_values, xformers_kwargs, "na1d")
-
-
-def na2d(query: Tensor, key: Tensor, value: Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
-         is_causal: Optional[BoolOrTuple] = False, rpb: Optional[Tensor] = None, scale: Optional[float] = None,
-         additional_keys: Optional[Tensor] = None, additional_values: Optional[Tensor] = None,
-         xformers_kwargs: Optional[dict] = None) -> Tensor:
-    """Fused 2-D neighborhood attention, heads-last ``[B, H, W, heads, D]``."""
-    return _fused(2, query, key, value, kernel_size, dilation, is_causal, rpb, scale, additional_keys,
-                  additional_values, xformers_kwargs, "na2d")
-
-
-def na3d(query: Tensor, key: Tensor, value: Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
-         is_causal: Optional[BoolOrTuple] = False, rpb: Optional[Tensor] = None, scale: Optional[float] = None,
-         additional_keys: Optional[Tensor] = None, additional_values: Optional[Tensor] = None,
-         xformers_kwargs: Optional[dict] = None) -> Tensor:
-    """Fused 3-D neighborhood attention, heads-last ``[B, D, H, W, heads, C]``."""
-    return _fused(3, query, key, value, kernel_size, dilation, is_causal, rpb, scale, additional_keys,
-                  additional_values, xformers_kwargs, "na3d")
+na1d_qk, na1d_av, na1d = _make(1)
+na2d_qk, na2d_av, na2d = _make(2)
+na3d_qk, na3d_av, na3d = _make(3)
 
 
 # ---------------------------------------------------------------------------------------------
