@@ -151,8 +151,8 @@ def _to_last(x: Tensor) -> Tensor:
 
 
 def _to_first(x: Tensor) -> Tensor:
-    """[B, *spatial, heads, C] -> [B, heads, *spatial, C] (a view)."""
-    return x.movedim(-2, 1)
+    """[B, *spatial, heads, C] -> contiguous [B, heads, *spatial, C], as NATTEN returned (callers ``.view`` it)."""
+    return x.movedim(-2, 1).contiguous()
 
 
 def _check_extra_tokens(fn: str, name: str, extra: Tensor, ref: Tensor) -> int:

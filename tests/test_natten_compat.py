@@ -120,6 +120,7 @@ def test_legacy_ops_match_017_ops_and_brute_force():
         q, k, v = (torch.randn(1, HEADS, *spatial, DIM, generator=g, dtype=torch.float64) for _ in range(3))
         rpb = torch.randn(HEADS, *(2 * x - 1 for x in ks), generator=g, dtype=torch.float64)
         qkrpb = getattr(F, f"natten{ndim}dqkrpb")(q, k, rpb, *args)
+        assert qkrpb.is_contiguous()  # as NATTEN's were: callers may .view() them
         assert torch.equal(qkrpb, QK[ndim](q, k, ks, dil, rpb=rpb))
         assert torch.equal(qkrpb, getattr(F, f"na{ndim}d_qk_with_bias")(q, k, rpb, *args))
         last = (q.movedim(1, -2), k.movedim(1, -2), v.movedim(1, -2))
@@ -127,6 +128,7 @@ def test_legacy_ops_match_017_ops_and_brute_force():
         plain = getattr(F, f"natten{ndim}dqk")(q, k, *args)
         torch.testing.assert_close(plain, _first(window_logits(*last[:2], ks, dil, (False,) * ndim)))
         out = getattr(F, f"natten{ndim}dav")(qkrpb.softmax(-1), v, *args)
+        assert out.is_contiguous()
         want = dense_na(*last, ks, dil, (False,) * ndim, rpb, scale=1.0)
         torch.testing.assert_close(out, _first(want), rtol=1e-10, atol=1e-10)
 
