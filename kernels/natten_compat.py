@@ -21,9 +21,12 @@ any kernel runs: an odd ``kernel_size > 1``, ``dilation >= 1``, every axis at le
 Argument errors are :class:`NattenArgumentError`, a ``ValueError`` that is also a
 ``RuntimeError`` (the type NATTEN's C++ checks raised), so existing ``except`` clauses still work.
 
-Beyond 0.17.4 (never a different result for a call 0.17.4 accepted): every op runs on CPU and
-GPU in float16/bfloat16/float32/float64, the fused op trains with ``rpb``, and extra keys/values
-of the fused op need no xFormers. Nested tensors are not supported (a clear ``NotImplementedError``).
+Where 0.17.4 was limited, this layer goes further: every op runs on CPU and GPU in
+float16/bfloat16/float32/float64, the fused op trains with ``rpb``, and the fused op's extra
+keys/values need no xFormers (they go through the unfused ops, sharing one softmax). Where 0.17.4
+silently ignored an argument it is an error here: ``additional_keys`` without
+``additional_values`` (or the reverse) in the fused op. Nested tensors are not supported (a clear
+``NotImplementedError``).
 """
 
 from __future__ import annotations
