@@ -361,12 +361,22 @@ def test_install_replaces_a_broken_natten(clean_natten, monkeypatch, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_hf_dinat_runs_unmodified_and_matches_our_model(clean_natten):
+def test_hf_dinat_runs_unmodified_and_matches_our_model(clean_natten, monkeypatch):
     transformers = pytest.importorskip("transformers")
     import timm
+    from transformers.models.dinat import modeling_dinat
+    from transformers.utils import import_utils
 
-    patched = M.patch_transformers()
+    # As transformers leaves things without NATTEN: stubs bound at import, the backend check false.
+    def stub(*args, **kwargs):
+        raise RuntimeError("NATTEN stub called")
+
+    monkeypatch.setattr(modeling_dinat, "natten2dqkrpb", stub)
+    monkeypatch.setattr(modeling_dinat, "natten2dav", stub)
+    monkeypatch.setitem(import_utils.BACKENDS_MAPPING, "natten", (lambda: False, "{0} requires natten"))
+    patched = M.patch_transformers()  # also works on modules imported before it
     assert "transformers.models.dinat.modeling_dinat" in patched
+    assert modeling_dinat.natten2dqkrpb is F.natten2dqkrpb and modeling_dinat.natten2dav is F.natten2dav
     from transformers import DinatConfig, DinatForImageClassification
 
     # Two levels; level 1 (8x8 at 32 px) has dilation 3: 3 * 3 > 8, so both models pad there.
