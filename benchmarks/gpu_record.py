@@ -221,19 +221,18 @@ def step_machine(ctx: Context) -> StepResult:
         torch.cuda.empty_cache()
     result.data = info
     ctx.machine = info
-    what = "HBM" if device.type == "cuda" else "memory"
     lines = [f"- device: {name}" + (f", {info['sm_count']} SMs, {info['memory_gib']} GiB, L2 {info['l2_mib']} MiB, "
                                     f"compute capability {info['capability']}, CUDA {info['cuda']}"
                                     if device.type == "cuda" else ""),
-             f"- versions: torch {info['torch']}, triton {info['triton']}, timm {info['timm']}, python {info['python']}; "
-             f"{info['cpu_cores']} CPU cores"]
+             f"- versions: torch {info['torch']}, triton {info['triton']}, timm {info['timm']}, "
+             f"python {info['python']}; {info['cpu_cores']} CPU cores"]
     smi = {k[4:]: v for k, v in info.items() if k.startswith("smi.")}
     if smi:
         lines.append("- nvidia-smi: " + ", ".join(f"{k} {v}" for k, v in smi.items()))
-    lines += [f"- measured {what} bandwidth: **{info['hbm_gbps']:.0f} GB/s** (device-to-device copy of "
-              f"{info['copy_gib']:.3g} GiB, read + write bytes, `do_bench` median)" if device.type == "cuda" else
-              f"- measured {what} bandwidth: {info['hbm_gbps']:.1f} GB/s (copy of 16 MiB, read + write bytes, median of 5)",
-              f"- measured matmul rate: **{info['matmul_tflops']:.1f} TFLOP/s** ({info['matmul']}, random data)"]
+    how = "`do_bench` median" if device.type == "cuda" else "median of 5"
+    lines += [f"- measured {'HBM' if device.type == 'cuda' else 'memory'} bandwidth: **{info['hbm_gbps']:.0f} GB/s** "
+              f"(device-to-device copy of {info['copy_gib']:.3g} GiB, read + write bytes, {how})",
+              f"- measured matmul rate: **{info['matmul_tflops']:.1f} TFLOP/s** ({info['matmul']}, random data, {how})"]
     result.markdown = "\n".join(lines)
     return result
 
@@ -282,50 +281,74 @@ def _tuned_kernels() -> dict:
     return found
 
 
-def precompile_job(job: dict) -> tuple[str, float, str, int]:
-    """Pool worker: run one family's NA forward+backward on ``job['shapes']`` with every tunable
-    kernel pinned (a one-entry-per-key table) to one config, which compiles that config into
-    Triton's on-disk cache for exactly the specialisations the real run will launch.
+def pinned_table(shape, dtype_name: str, family: str, choice):
+    """A ``kernels.tuning.Table`` that launches every tunable kernel of ``family`` on ``shape`` with
+    one config: ``choice`` is an int (the i-th of each kernel's own autotune configs) or a
+    (block, num_warps, num_stages) tuple. Under it nothing autotunes: one config compiles."""
+    from benchmarks import sweep
+    from kernels import tuning
 
-    ``job``: family, dtype, rpb_dtype (None: the q dtype), shapes (na_bench.Shape fields),
-    and either ``index`` (the i-th of each kernel's own autotune configs) or ``config``
-    (block, num_warps, num_stages for every kernel of the family); ``device`` (default cuda).
-    Returns (label, seconds, error or "", launches that missed the pinned table: 0 when right)."""
+    kernels_by_name = _tuned_kernels()
+    names = sweep.FAMILIES[family]
+    chosen = {}
+    for name in names:
+        if isinstance(choice, int):
+            configs = kernels_by_name[name].configs
+            chosen[name] = tuning.LaunchConfig.from_triton(configs[choice % len(configs)])
+        else:
+            block, warps, stages = choice
+            chosen[name] = tuning.LaunchConfig(((tuning.TUNABLE[name][0], block),), warps, stages)
+    keys = sweep.expected_keys(_sweep_shape(shape), dtype_name, names)
+    return tuning.Table("<gpu_record pinned>", "any", (), {key: chosen[key.kernel] for key in keys})
+
+
+def _shape_from_fields(fields: dict):
+    from benchmarks.na_bench import Shape
+
+    return Shape(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def precompile_job(job: dict) -> tuple[str, float, str, int]:
+    """Pool worker: compile what the real run will launch, into the on-disk caches (Triton's, and
+    Inductor's for FlexAttention), for exactly the specialisations it will launch.
+
+    ``job``: label, family ("fused" / "unfused": the NA forward+backward with every tunable kernel
+    pinned by ``pinned_table`` to ``job['config']``; "flex": na_bench's compiled FlexAttention-NA
+    forward and forward+backward), dtype, rpb_dtype (None: the q dtype), shapes (na_bench.Shape
+    fields), device (default cuda). Returns (label, seconds, error or "", launches that missed the
+    pinned table: 0 when the pinning worked)."""
     started = time.perf_counter()
+    # One process per core already: no Inductor compile pool of its own in each of them.
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     try:
         import torch
 
-        from benchmarks import na_bench, sweep
+        from benchmarks import na_bench
         from kernels import tuning
 
         dtype = getattr(torch, job["dtype"])
         rpb_dtype = getattr(torch, job["rpb_dtype"]) if job.get("rpb_dtype") else dtype
-        kernels_by_name = _tuned_kernels()
-        names = sweep.FAMILIES[job["family"]]
         device = torch.device(job.get("device", "cuda"))
         misses = []
-        chosen = {}
-        for name in names:
-            if "config" in job:
-                block, warps, stages = job["config"]
-                chosen[name] = tuning.LaunchConfig(((tuning.TUNABLE[name][0], block),), warps, stages)
-            else:
-                configs = kernels_by_name[name].configs
-                chosen[name] = tuning.LaunchConfig.from_triton(configs[job["index"] % len(configs)])
+        observe = lambda name, key, config: misses.append(key) if config is None else None  # noqa: E731
         for fields in job["shapes"]:
-            shape = na_bench.Shape(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-            keys = sweep.expected_keys(_sweep_shape(shape), job["dtype"], names)
-            table = tuning.Table("<gpu_record precompile>", "any", (), {key: chosen[key.kernel] for key in keys})
+            shape = _shape_from_fields(fields)
             q, k, v, rpb, grad = na_bench.make_inputs(shape, device, dtype, rpb_dtype=rpb_dtype)
-            leaves = [t.requires_grad_() for t in (q, k, v, rpb) if t is not None]
-            observe = lambda name, key, config: misses.append(key) if config is None else None  # noqa: E731
-            with tuning.use_table(table), tuning.watching_choices(observe):
-                out = na_bench.NA_BY_RANK[len(shape.spatial)](q, k, v, shape.kernel_size, shape.dilation,
-                                                               shape.is_causal, rpb=rpb, backend=job["family"])
-                torch.autograd.grad(out, leaves, grad)
+            if job["family"] == "flex":
+                torch._dynamo.reset()  # as na_bench does per shape
+                flex = na_bench.build_candidate("flex", shape, device, None)
+                na_bench.step(flex, "fwd", q, k, v, rpb, grad)()
+                leaves = na_bench._leaves((q, k, v, rpb))
+                na_bench.step(flex, "fwdbwd", *leaves, grad)()
+            else:
+                leaves = [t.requires_grad_() for t in (q, k, v, rpb) if t is not None]
+                table = pinned_table(shape, job["dtype"], job["family"], job["config"])
+                with tuning.use_table(table), tuning.watching_choices(observe):
+                    out = na_bench.NA_BY_RANK[len(shape.spatial)](q, k, v, shape.kernel_size, shape.dilation,
+                                                                   shape.is_causal, rpb=rpb, backend=job["family"])
+                    torch.autograd.grad(out, leaves, grad)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            del q, k, v, rpb, grad, leaves, out
         return job["label"], time.perf_counter() - started, "", len(misses)
     except Exception as exc:  # noqa: BLE001 -- a config that does not compile: the autotuner skips it too
         return job["label"], time.perf_counter() - started, f"{type(exc).__name__}: {str(exc)[:200]}", 0
@@ -343,9 +366,9 @@ def precompile(jobs: list[dict], workers: int, seconds: float, log) -> dict:
     import multiprocessing
 
     if not jobs or workers < 1 or seconds <= 0:
-        return dict(jobs=len(jobs), done=0, failed=0, workers=workers, seconds=0.0, note="not run")
+        return dict(jobs=len(jobs), done=0, failed=0, workers=workers, seconds=0.0, finished=[], note="not run")
     started = time.perf_counter()
-    done, failed, misses = 0, [], 0
+    done, failed, misses, finished = 0, [], 0, []
     pool = multiprocessing.get_context("spawn").Pool(min(workers, len(jobs)))
     try:
         pending = pool.imap_unordered(precompile_job, jobs)
@@ -363,12 +386,15 @@ def precompile(jobs: list[dict], workers: int, seconds: float, log) -> dict:
             misses += missed
             if error:
                 failed.append(f"{label}: {error}")
+            else:
+                finished.append(label)
             if done % max(1, len(jobs) // 8) == 0 or done == len(jobs):
                 log(f"    precompiled {done}/{len(jobs)} jobs [{time.perf_counter() - started:.0f}s]")
     finally:
         pool.terminate()  # unfinished jobs: their configs compile later, in the step that needs them
         pool.join()
     return dict(jobs=len(jobs), done=done, failed=len(failed), failures=failed[:5], table_misses=misses,
+                finished=finished,
                 workers=min(workers, len(jobs)), seconds=round(time.perf_counter() - started, 1))
 
 
@@ -429,31 +455,57 @@ def check_case(shape, dtype_name: str, backend: str, device) -> dict:
                 tolerance=tol)
 
 
-def _precompile_jobs_for(cases: list, rpb_dtype: str) -> list[dict]:
-    """Every (family, dtype, shape group, autotune config) of the cases, most needed first
-    (the bf16 DiNAT-tiny layers, which the benchmark and the models launch too)."""
-    from benchmarks import na_bench
+def autotune_configs() -> int:
+    """How many configs the kernels' autotuners try (6 on a GPU; 1 under the interpreter)."""
+    return max(len(kernel.configs) for kernel in _tuned_kernels().values())
 
+
+def _job_label(family: str, dtype_name: str, group: str, index: int) -> str:
+    return f"{family} {dtype_name} {group} config#{index}"
+
+
+def _case_group(shape) -> str:
+    return shape.group.split()[0]
+
+
+def _precompile_jobs_for(cases: list, rpb_dtype: str) -> list[dict]:
+    """Every (family, dtype, shape group, autotune config) of the cases, and the FlexAttention-NA
+    compiles of the benchmark, most needed first: the bf16 DiNAT-tiny layers (which the benchmark
+    and the models launch too), then Flex, then the rest of the checks."""
     groups: dict = {}
     for dtype_name, shape in cases:
-        groups.setdefault((dtype_name, shape.group.split()[0]), []).append(shape)
+        groups.setdefault((dtype_name, _case_group(shape)), []).append(shape)
+    bench = _bench_shapes(False)
     # The benchmark's and the models' batch (64 / 128) launches the same specialisations; the
     # batch-64 layers are added so that even a batch-dependent one is compiled here.
-    groups.setdefault(("bfloat16", "dinat-t"), []).extend(na_bench.preset_shapes("dinat-tiny", 64))
-    jobs = []
-    for index in range(6):  # each family's kernels autotune over 6 configs
+    groups.setdefault(("bfloat16", "dinat-t"), []).extend(bench)
+    first, later = [], []
+    for index in range(autotune_configs()):
         for family in ("fused", "unfused"):
             for (dtype_name, group), shapes in groups.items():
-                jobs.append(dict(label=f"{family} {dtype_name} {group} config#{index}", family=family,
-                                 dtype=dtype_name, rpb_dtype=rpb_dtype, index=index,
-                                 shapes=[_shape_fields(s) for s in shapes]))
-    rank = {("bfloat16", "dinat-t"): 0}
-    jobs.sort(key=lambda j: (rank.get((j["dtype"], j["label"].split()[2]), 1), j["index"]))
-    return jobs
+                job = dict(label=_job_label(family, dtype_name, group, index), family=family, dtype=dtype_name,
+                           rpb_dtype=rpb_dtype, config=index, shapes=[_shape_fields(s) for s in shapes])
+                (first if (dtype_name, group) == ("bfloat16", "dinat-t") else later).append(job)
+    flex = [dict(label=f"flex {s.label}", family="flex", dtype="bfloat16", rpb_dtype="float32",
+                 shapes=[_shape_fields(s)]) for s in bench]
+    return first + flex + later
+
+
+def _check_config(finished: Optional[set], family: str, dtype_name: str, shape):
+    """None: let the autotuner run (its configs are compiled, or this is not a GPU run); else the
+    index of one compiled config to pin, so that a check never waits for a serial autotune."""
+    if finished is None:
+        return None
+    count = autotune_configs()
+    done = [i for i in range(count) if _job_label(family, dtype_name, _case_group(shape), i) in finished]
+    if len(done) == count:
+        return None
+    return done[0] if done else 0
 
 
 def step_correctness(ctx: Context) -> StepResult:
     from benchmarks._common import describe_error, free_memory
+    from kernels import tuning
 
     result = StepResult("correctness", "Correctness at real sizes")
     device = ctx.device
@@ -466,23 +518,37 @@ def step_correctness(ctx: Context) -> StepResult:
         ctx.log(f"  precompiling {len(jobs)} (family, dtype, shapes, config) jobs on {workers} processes, "
                 f"<= {seconds:.0f}s")
         result.data["precompile"] = precompile(jobs, workers, seconds, ctx.log)
+        finished = set(result.data["precompile"].pop("finished"))
+    else:
+        finished = None
     rows, untested = [], []
-    slowest = 0.0
+    # The first check of a (backend, dtype, shape group) also autotunes; the next ones of the group
+    # take about as long as the last one did.
+    first_checks, last_check = [1.0], {}
     for dtype_name, shape in cases:
         for backend in backends:
             label = f"{shape.label} {dtype_name} {backend}"
-            if not ctx.fits(max(1.0, 1.5 * slowest)):
+            group = (backend, dtype_name, _case_group(shape))
+            if not ctx.fits(1.2 * last_check.get(group, max(first_checks))):
                 untested.append(label)
                 continue
             started = time.perf_counter()
             row = dict(shape=shape.label, dtype=dtype_name, backend=backend)
+            pin = _check_config(finished, backend, dtype_name, shape)
+            row["config"] = "autotuned" if pin is None else f"pinned #{pin}"
             try:
-                row.update(check_case(shape, dtype_name, backend, device))
+                if pin is None:
+                    row.update(check_case(shape, dtype_name, backend, device))
+                else:
+                    with tuning.use_table(pinned_table(shape, dtype_name, backend, pin)):
+                        row.update(check_case(shape, dtype_name, backend, device))
             except Exception as exc:  # noqa: BLE001 -- recorded loudly, the other cases still run
                 row.update(ok=False, deterministic=None, error=describe_error(exc))
             free_memory(device)
             row["seconds"] = round(time.perf_counter() - started, 2)
-            slowest = max(slowest, row["seconds"])
+            if group not in last_check:
+                first_checks.append(row["seconds"])
+            last_check[group] = row["seconds"]
             rows.append(row)
             worst = max((t["rel_err"] for t in row.get("tensors", {}).values()), default=None)
             ctx.log(f"  {label:<56} {'ok' if row['ok'] else 'WRONG' if 'error' not in row else 'ERROR'}"
@@ -513,11 +579,12 @@ def _correctness_markdown(data: dict) -> str:
                  for n in names]
         verdict = "ok" if r["ok"] else ("ERROR" if "error" in r else "**WRONG**")
         det = {True: "yes", False: "**NO**", None: "-"}[r.get("deterministic")]
-        table.append([r["shape"], r["dtype"], r["backend"], *cells, det, verdict])
+        table.append([r["shape"], r["dtype"], r["backend"], r.get("config", "-"), *cells, det, verdict])
     lines = ["Relative error ||x - ref|| / ||ref|| against the float64 reference (same inputs; RPB in float32); "
              "FAIL when the max abs error exceeds tol x max(1, max|ref|) (bf16 6e-2, fp16 2e-2, fp32 1e-2). "
-             "Deterministic: a second backward gives the same bits.", ""]
-    lines += _md_table(["shape", "dtype", "backend", *names, "deterministic", "verdict"], table)
+             "Deterministic: a second backward gives the same bits. Config: the kernels' own autotuner, or one "
+             "pinned config where the pre-compilation did not finish all of them in time.", ""]
+    lines += _md_table(["shape", "dtype", "backend", "config", *names, "deterministic", "verdict"], table)
     errors = [f"- {r['shape']} {r['dtype']} {r['backend']}: {r['error']}" for r in rows if "error" in r]
     if errors:
         lines += ["", *errors]
@@ -578,19 +645,20 @@ def step_na_bench(ctx: Context) -> StepResult:
     args, _ = na_bench.parse_args(argv)
     shapes = _bench_shapes(ctx.smoke)
     rows, skipped = [], []
-    slowest = 0.0
+    last = 0.0
     result.data.update(dtype=str(dtype).replace("torch.", ""), candidates=candidates, baseline=baseline,
                        not_available=[c for c in wanted if c not in available], rows=rows, skipped=skipped)
     for shape in shapes:
-        # The first shape also pays the Flex compiles: the estimate is the slowest shape so far.
-        if rows and not ctx.fits(1.2 * slowest):
+        # Every shape compiles its own Flex graphs; the first one also pays one-time set-up, so the
+        # estimate is the last shape's time.
+        if rows and not ctx.fits(1.2 * last):
             skipped.append(shape.label)
             continue
         started = time.perf_counter()
         # One shape per call: every shape is checked against the reference (--check first).
         for r in na_bench.run_benchmark([shape], candidates, ["fwd", "fwdbwd"], device, dtype, args, log=ctx.log):
             rows.append(_bench_row(r, ctx.machine, dtype))
-        slowest = max(slowest, time.perf_counter() - started)
+        last = time.perf_counter() - started
         _add_vs_sdpa(rows)
         result.markdown = _na_bench_markdown(result.data, ctx.machine)
         ctx.save_partial(result)
@@ -818,18 +886,29 @@ def step_sweep(ctx: Context) -> StepResult:
     timer = sweep.make_timer(device, options.warmup_ms, options.rep_ms, options.cpu_reps)
     entries, skipped = [], []
     recorded: dict = {}
-    slowest = 0.0
+    failed_groups: dict = {}
+    # A key takes about as long as the last one; a new shape first records (and autotunes) its launches.
+    last_key, slowest_record = 0.0, 0.0
     for n, unit in enumerate(units, start=1):
         group = (unit.shape, unit.dtype)
-        estimate = slowest * (2.0 if group not in recorded else 1.2)  # a new shape also records its launches
+        estimate = 1.2 * (last_key + (slowest_record if group not in recorded else 0.0))
         if entries and not ctx.fits(estimate):
             skipped.append(f"{unit.key.label()} ({unit.shape.label})")
             continue
-        started = time.perf_counter()
+        started = key_started = time.perf_counter()
         try:
+            if group in failed_groups:
+                raise RuntimeError(f"the default launches of {unit.shape.label} failed: {failed_groups[group]}")
             if group not in recorded:
                 recorded.clear()
-                recorded[group] = sweep.record_default_launches(unit.shape, sweep.DTYPES[unit.dtype], "fused", device)
+                try:
+                    recorded[group] = sweep.record_default_launches(unit.shape, sweep.DTYPES[unit.dtype], "fused",
+                                                                    device)
+                except Exception as exc:  # e.g. disagreeing with the reference: no key of this shape is swept
+                    failed_groups[group] = f"{type(exc).__name__}: {exc}"[:300]
+                    raise
+                slowest_record = max(slowest_record, time.perf_counter() - started)
+            key_started = time.perf_counter()
             launch = recorded[group].get(unit.key)
             if launch is None:
                 raise RuntimeError(f"no launch with key {unit.key.label()} in fused fwd+bwd of {unit.shape.label}")
@@ -839,7 +918,7 @@ def step_sweep(ctx: Context) -> StepResult:
                          candidates=[], error=f"{type(exc).__name__}: {exc}"[:500])
         entries.append(entry)
         took = time.perf_counter() - started
-        slowest = max(slowest, took)
+        last_key = time.perf_counter() - key_started
         win = entry.get("winner")
         ctx.log(f"  [{n}/{len(units)}] {unit.key.label()}: "
                 + (f"winner {win['meta']} w{win['num_warps']} s{win['num_stages']} {win['ms']:.4g} ms, "
@@ -1010,7 +1089,9 @@ def write_record(out: Path, meta: dict, results: list[StepResult], with_plot: bo
     _write_text(out / SUMMARY_MD, summary_markdown(meta, results))
     if with_plot:
         try:
-            plot_record(results, out / PLOT_PNG, f"{meta.get('device', '')} {meta['date']}"
+            device = next((r.data.get("device") for r in results if r.name == "machine" and r.data.get("device")),
+                          meta.get("device", ""))
+            plot_record(results, out / PLOT_PNG, f"{device} {meta['date']}"
                         + (" (smoke)" if meta["smoke"] else ""))
         except Exception as exc:  # noqa: BLE001 -- a plot must not cost the numbers
             log(f"  plot failed: {type(exc).__name__}: {exc}")
@@ -1065,8 +1146,8 @@ def run_isolated(plan: StepPlan, ctx: Context, log: Logger, box_s: float, smoke:
                "--child-deadline", repr(ctx.deadline)] + (["--smoke"] if smoke else [])
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     started = time.time()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                            env=env, start_new_session=True)
     reader = threading.Thread(target=lambda: [log.raw("    " + line.rstrip()) for line in proc.stdout], daemon=True)
     reader.start()
     killed = False
@@ -1167,7 +1248,7 @@ def main(argv=None) -> list[StepResult]:
         sys.argv[1:] if argv is None else argv), date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         smoke=args.smoke, budget_s=args.budget_s, started_epoch=started, isolate=isolate, steps=args.steps,
         plan={p.name: dict(box_s=p.box_s, min_s=p.min_s) for p in plans}, torch=torch.__version__,
-        device=torch.cuda.get_device_name() if not args.smoke else "CPU (smoke)", finished=False)
+        device="CPU (smoke)" if args.smoke else "GPU", finished=False)  # no CUDA context in this process
     log(f"GPU record -> {out} | budget {args.budget_s:.0f}s | steps {', '.join(args.steps)} | "
         f"{'isolated processes' if isolate else 'one process'}")
     results: list[StepResult] = []

@@ -10,6 +10,7 @@ import torch
 
 from benchmarks import gpu_record
 from kernels import tuning
+from tests.test_sweep import no_tables  # noqa: F401  (fixture: no shipped or user tuning table)
 
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU smoke mode")
 
@@ -33,14 +34,6 @@ def _tables(markdown: str) -> list[list[list[str]]]:
 def _steps(out) -> dict:
     record = json.loads((out / gpu_record.RECORD_JSON).read_text())
     return {s["name"]: s for s in record["steps"]}
-
-
-@pytest.fixture
-def no_tables(tmp_path, monkeypatch):
-    directory = tmp_path / "tuned"
-    directory.mkdir()
-    monkeypatch.setattr(tuning, "TUNED_DIR", directory)
-    monkeypatch.delenv(tuning.TABLE_ENV, raising=False)
 
 
 @cpu_only
@@ -93,15 +86,13 @@ def test_a_failing_step_is_recorded_loudly_and_the_next_step_runs(tmp_path, monk
 
     monkeypatch.setitem(gpu_record.STEP_FUNCTIONS, "machine", broken)
     out = tmp_path / "record"
-    results = gpu_record.main(["--smoke", "--out", str(out), "--steps", "machine,na_bench"])
-    assert [(r.name, r.status) for r in results] == [("machine", "FAILED"), ("na_bench", "ok")]
+    results = gpu_record.main(["--smoke", "--out", str(out), "--steps", "machine,sweep"])
+    assert [(r.name, r.status) for r in results] == [("machine", "FAILED"), ("sweep", "ok")]
     assert "simulated failure" in results[0].reason
     markdown = (out / "record.md").read_text()
     assert "**Failed steps:** Machine: FAILED (RuntimeError: simulated failure of the machine step)" in markdown
     assert "simulated failure" in (out / "log.txt").read_text()  # the traceback is in the log
-    # Without the machine's bandwidth there is no roofline, but every time is there.
-    rows = _steps(out)["na_bench"]["data"]["rows"]
-    assert rows and all("roofline_pct" not in r for r in rows) and any(r["ms"] for r in rows)
+    assert _steps(out)["sweep"]["data"]["winners"] >= 1 and (out / "cpu.json").exists()
 
 
 @cpu_only
@@ -174,11 +165,33 @@ def test_precompile_pool_runs_each_family_with_every_tunable_launch_pinned():
     from benchmarks.na_bench import Shape
 
     shape = gpu_record._shape_fields(Shape("t", 1, (8,), 1, 16, (3,), (2,), (False,)))
-    jobs = [dict(label="fused own config", family="fused", dtype="float32", rpb_dtype="float32", index=0,
+    jobs = [dict(label="fused own config", family="fused", dtype="float32", rpb_dtype="float32", config=0,
                  device="cpu", shapes=[shape]),
-            dict(label="unfused", family="unfused", dtype="float32", rpb_dtype=None, index=0, device="cpu",
+            dict(label="unfused", family="unfused", dtype="float32", rpb_dtype=None, config=0, device="cpu",
                  shapes=[shape]),
             dict(label="fused given config", family="fused", dtype="float32", rpb_dtype=None, config=(32, 4, 1),
                  device="cpu", shapes=[shape])]
     stats = gpu_record.precompile(jobs, workers=1, seconds=600, log=lambda message: None)
     assert stats["done"] == 3 and stats["failed"] == 0 and stats["table_misses"] == 0, stats
+
+
+def test_precompile_jobs_come_most_needed_first_and_unfinished_keys_get_a_pinned_config():
+    cases = gpu_record._correctness_cases(smoke=False)
+    jobs = gpu_record._precompile_jobs_for(cases, "float32")
+    count = gpu_record.autotune_configs()
+    groups = {(dtype, gpu_record._case_group(shape)) for dtype, shape in cases}
+    assert len(jobs) == 2 * count * len(groups) + 7  # fused + unfused per config and group, 7 Flex shapes
+    families = [j["family"] for j in jobs]
+    # The bf16 DiNAT-tiny layers (benchmark and models too), then Flex, then the rest.
+    assert all(j["dtype"] == "bfloat16" and "dinat-t" in j["label"] for j in jobs[:2 * count])
+    assert families[2 * count:2 * count + 7] == ["flex"] * 7 and "flex" not in families[2 * count + 7:]
+    first = jobs[0]
+    assert len(first["shapes"]) == 14 and {s["batch"] for s in first["shapes"]} == {8, 64}
+
+    shape = cases[0][1]
+    labels = {gpu_record._job_label("fused", "bfloat16", "dinat-t", i) for i in range(count)}
+    assert gpu_record._check_config(None, "fused", "bfloat16", shape) is None  # no pool: autotune
+    assert gpu_record._check_config(labels, "fused", "bfloat16", shape) is None  # all compiled: autotune
+    assert gpu_record._check_config(set(), "fused", "bfloat16", shape) == 0
+    if count > 1:
+        assert gpu_record._check_config(labels - {jobs[0]["label"]}, "fused", "bfloat16", shape) == 1
