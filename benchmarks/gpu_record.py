@@ -230,9 +230,9 @@ def step_machine(ctx: Context) -> StepResult:
     if smi:
         lines.append("- nvidia-smi: " + ", ".join(f"{k} {v}" for k, v in smi.items()))
     how = "`do_bench` median" if device.type == "cuda" else "median of 5"
-    lines += [f"- measured {'HBM' if device.type == 'cuda' else 'memory'} bandwidth: **{info['hbm_gbps']:.0f} GB/s** "
+    lines += [f"- measured {'HBM' if device.type == 'cuda' else 'memory'} bandwidth: **{info['hbm_gbps']:.4g} GB/s** "
               f"(device-to-device copy of {info['copy_gib']:.3g} GiB, read + write bytes, {how})",
-              f"- measured matmul rate: **{info['matmul_tflops']:.1f} TFLOP/s** ({info['matmul']}, random data, {how})"]
+              f"- measured matmul rate: **{info['matmul_tflops']:.3g} TFLOP/s** ({info['matmul']}, random data, {how})"]
     result.markdown = "\n".join(lines)
     return result
 
@@ -646,7 +646,9 @@ def step_na_bench(ctx: Context) -> StepResult:
     shapes = _bench_shapes(ctx.smoke)
     rows, skipped = [], []
     last = 0.0
-    result.data.update(dtype=str(dtype).replace("torch.", ""), candidates=candidates, baseline=baseline,
+    timing = "`do_bench` median" if device.type == "cuda" else "`perf_counter`, 1 call after 1 warm-up"
+    result.data.update(timing=timing,
+                       dtype=str(dtype).replace("torch.", ""), candidates=candidates, baseline=baseline,
                        not_available=[c for c in wanted if c not in available], rows=rows, skipped=skipped)
     for shape in shapes:
         # Every shape compiles its own Flex graphs; the first one also pays one-time set-up, so the
@@ -699,7 +701,8 @@ def _na_bench_markdown(data: dict, machine: dict) -> str:
     baseline = data["baseline"]
     lines = [f"{data['dtype']} q/k/v, float32 RPB; candidates {', '.join(data['candidates'])}"
              + (f" (not available: {', '.join(data['not_available'])})" if data["not_available"] else "")
-             + f"; `do_bench` median; vs {baseline} / vs sdpa = their ms / this ms (> 1 is faster); "
+             + f"; {data.get('timing', '`do_bench` median')}; "
+             f"vs {baseline} / vs sdpa = their ms / this ms (> 1 is faster); "
              f"% roofline = the fewest bytes (q, k, v, out, LSE; backward: + q, k, v, out, dout, LSE, dq, dk, dv) "
              f"at the measured {_fmt(machine.get('hbm_gbps'), '.0f', '?')} GB/s over the measured time; "
              "max err: against the float32 reference, output and every gradient.", ""]
