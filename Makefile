@@ -32,3 +32,15 @@ bench-smoke: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+
+# The whole GPU record in one command (docs/benchmarks.md, "One-command GPU record"): with a CUDA
+# GPU the record into RECORD_DIR within RECORD_BUDGET_S seconds; without one, the CPU smoke run.
+RECORD_DIR ?= gpu-record
+RECORD_BUDGET_S ?= 480
+.PHONY: gpu-record
+gpu-record: install
+	if PYTHONPATH=. $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+	  PYTHONPATH=. $(PY) -m benchmarks.gpu_record --out $(RECORD_DIR) --budget-s $(RECORD_BUDGET_S); \
+	else \
+	  PYTHONPATH=. $(PY) -m benchmarks.gpu_record --smoke --out $(RECORD_DIR)-smoke; \
+	fi
