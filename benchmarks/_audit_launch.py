@@ -49,10 +49,12 @@ class Problem:
 
     @property
     def label(self) -> str:
-        axes = lambda v: "x".join(str(int(x)) for x in v)  # noqa: E731
-        causal = f" causal{axes(self.causal)}" if any(self.causal) else ""
-        return (f"{axes(self.spatial)} B{self.batch} H{self.heads} D{self.head_dim} k{axes(self.kernel_size)} "
-                f"d{axes(self.dilation)}{causal}{' rpb' if self.rpb else ''} {self.dtype}")
+        """The sweep's shape label and the dtype."""
+        from benchmarks.sweep import SweepShape
+
+        shape = SweepShape(self.batch, self.spatial, self.heads, self.head_dim, self.kernel_size, self.dilation,
+                           self.causal, self.rpb)
+        return f"{shape.label} {self.dtype}"
 
     @property
     def tag(self) -> str:
@@ -260,6 +262,23 @@ def _backward(root: torch.Tensor) -> None:
             slot[index] = grad if index not in slot else slot[index] + grad
 
 
+class _NoDeviceSwitch(contextlib.nullcontext):
+    """``torch.cuda.device(x)`` without a CUDA driver: there is one (fake) device, nothing to switch."""
+
+    def __init__(self, device=None):
+        super().__init__()
+
+
+@contextlib.contextmanager
+def _no_cuda_device_switch() -> Iterator[None]:
+    saved = torch.cuda.device
+    torch.cuda.device = _NoDeviceSwitch
+    try:
+        yield
+    finally:
+        torch.cuda.device = saved
+
+
 def run_problem(problem: Problem, backward: bool = True, fake: bool = True) -> None:
     """Run ``problem`` through the public API (``kernels.naNd``), forward and (optionally) backward.
 
@@ -289,7 +308,7 @@ def run_problem(problem: Problem, backward: bool = True, fake: bool = True) -> N
     if fake:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        with FakeTensorMode(allow_non_fake_inputs=True), _no_cuda_device_switch():
             body("cuda")
     else:
         body("cpu")

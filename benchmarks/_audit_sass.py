@@ -33,7 +33,13 @@ MMA = {"HGMMA", "HMMA", "IMMA", "QGMMA", "IGMMA", "BGMMA", "DMMA", "UTCMMA", "UT
 MUFU = {"MUFU"}
 SHARED = {"LDS", "STS", "LDSM", "STSM", "ATOMS"}
 LOCAL = {"LDL", "STL"}
-GLOBAL_STORE = {"STG", "RED", "ATOMG", "ATOM", "REDG", "UTMASTG", "UBLKCP"}
+GLOBAL_STORE = {"STG", "RED", "ATOMG", "ATOM", "REDG", "UTMASTG"}
+TMA_LOADS = {"UTMALDG", "UBLKCP"}
+GLOBAL_LOAD = {"LDG", "LDGSTS"} | TMA_LOADS
+CLASS_OF = {opcode: kind for kind, opcodes in (
+    ("integer", INTEGER), ("fp32", FLOAT), ("convert", CONVERT), ("mma", MMA), ("mufu", MUFU),
+    ("global_load", GLOBAL_LOAD), ("global_store", GLOBAL_STORE), ("shared", SHARED), ("local", LOCAL))
+    for opcode in opcodes}
 
 
 @dataclass
@@ -103,34 +109,14 @@ def classify(instructions: list[Instruction]) -> dict:
     loads: Counter = Counter()
     async_copies: Counter = Counter()
     for ins in instructions:
-        b = ins.base
-        if b in INTEGER:
-            classes["integer"] += 1
-        elif b in FLOAT:
-            classes["fp32"] += 1
-        elif b in CONVERT:
-            classes["convert"] += 1
-        elif b in MMA:
-            classes["mma"] += 1
-        elif b in MUFU:
-            classes["mufu"] += 1
-        elif b == "LDG":
-            classes["global_load"] += 1
+        kind = CLASS_OF.get(ins.base, "other")
+        classes[kind] += 1
+        if ins.base == "LDG":
             loads[global_load_width(ins.opcode)] += 1
-        elif b == "LDGSTS":
-            classes["global_load"] += 1
+        elif ins.base == "LDGSTS":
             async_copies[global_load_width(ins.opcode)] += 1
-        elif b in ("UTMALDG", "UBLKCP"):
-            classes["global_load"] += 1
+        elif ins.base in TMA_LOADS:
             async_copies["tma"] += 1
-        elif b in GLOBAL_STORE:
-            classes["global_store"] += 1
-        elif b in SHARED:
-            classes["shared"] += 1
-        elif b in LOCAL:
-            classes["local"] += 1
-        else:
-            classes["other"] += 1
     return dict(total=len(instructions), classes=dict(classes),
                 ldg_by_bits={str(k): v for k, v in sorted(loads.items())},
                 ldgsts_by_bits={str(k): v for k, v in sorted(async_copies.items(), key=lambda kv: str(kv[0]))},

@@ -3,10 +3,10 @@
 A loop's trip count is set at run time (e.g. by the halo a tile's windows span), so it is measured,
 not modelled: the problem's launches are recorded in the interpreter (``TRITON_INTERPRET=1``, so
 this runs in its own process; recorded, not run) and each audited launch is replayed with its
-config while the builtin ``range`` of the kernel's module is a shim. At the header of an innermost
-runtime ``for`` loop of the kernel function, the shim records the trip count of that program and
+config while the builtin ``range`` of the kernel's module is a shim. At the header of each runtime
+``for`` loop of the kernel function the shim records the trip count; for an innermost loop it then
 returns an empty range: the loop body -- all the cost of interpreting -- is skipped, the rest of
-the program (which computes the bounds) runs as written.
+the program (which computes the bounds, and runs outer loops) runs as written.
 
 To keep it fast the problem runs with batch 1 and one head: the grid's batch*heads axis then has
 one program, and the trip counts of a (batch, head) slice are taken to be those of every slice
@@ -38,9 +38,10 @@ def _range_name(node) -> str | None:
     return getattr(call.func, "id", None)
 
 
-def innermost_loops(fn) -> list[dict]:
-    """Innermost runtime ``for`` loops of the ``@triton.jit`` function ``fn``: the absolute lines of
-    their headers and the range function they call (a ``tl.static_range`` loop is unrolled)."""
+def runtime_loops(fn) -> list[dict]:
+    """Runtime ``for`` loops of the ``@triton.jit`` function ``fn`` (a ``tl.static_range`` loop is
+    unrolled, not a loop): absolute line of the header, the header's lines, the range function
+    called, whether it is innermost, and the line of the enclosing runtime loop (None at top)."""
     py_fn = getattr(fn, "fn", fn)
     lines, start = inspect.getsourcelines(py_fn)
     tree = ast.parse(textwrap.dedent("".join(lines)))
@@ -49,10 +50,21 @@ def innermost_loops(fn) -> list[dict]:
         return isinstance(node, ast.For) and _range_name(node) not in STATIC_RANGES
 
     loops = [n for n in ast.walk(tree) if is_runtime_loop(n)]
-    innermost = [n for n in loops if not any(is_runtime_loop(m) for m in ast.walk(n) if m is not n)]
-    return [dict(line=start + n.lineno - 1,
-                 header=list(range(start + n.lineno - 1, start + n.iter.end_lineno)),
-                 range=_range_name(n)) for n in sorted(innermost, key=lambda n: n.lineno)]
+    parent = {}
+    for outer in loops:
+        for inner in ast.walk(outer):
+            if inner is not outer and is_runtime_loop(inner):
+                if inner not in parent or parent[inner].lineno < outer.lineno:
+                    parent[inner] = outer
+    return [dict(line=start + n.lineno - 1, header=list(range(start + n.lineno - 1, start + n.iter.end_lineno)),
+                 range=_range_name(n), innermost=not any(parent.get(m) is n for m in loops),
+                 parent=start + parent[n].lineno - 1 if n in parent else None)
+            for n in sorted(loops, key=lambda n: n.lineno)]
+
+
+def innermost_loops(fn) -> list[dict]:
+    """The innermost runtime loops of ``fn`` (see :func:`runtime_loops`)."""
+    return [loop for loop in runtime_loops(fn) if loop["innermost"]]
 
 
 class _CountingRange:
@@ -60,6 +72,7 @@ class _CountingRange:
 
     def __init__(self, loops: list[dict]):
         self.header_of = {line: loop["line"] for loop in loops for line in loop["header"]}
+        self.skip = {loop["line"] for loop in loops if loop["innermost"]}
         self.trips: dict[int, list[int]] = {loop["line"]: [] for loop in loops}
 
     def __call__(self, *args):
@@ -68,7 +81,7 @@ class _CountingRange:
         if loop is None:
             return r
         self.trips[loop].append(len(r))
-        return builtins.range(0)
+        return builtins.range(0) if loop in self.skip else r
 
 
 @contextlib.contextmanager
@@ -119,7 +132,7 @@ def count_trips(problem_json: dict, selections: list[dict]) -> list[dict]:
         while hasattr(interpreted, "fn") and type(interpreted).__name__ != "InterpretedFunction":
             interpreted = interpreted.fn
         py_fn = interpreted.fn
-        loops = innermost_loops(py_fn)
+        loops = runtime_loops(py_fn)
         meta = dict(launch.kwargs)
         meta.update(sel.get("meta", {}))
         grid = launch.grid(dict(zip(interpreted.arg_names, launch.args), **meta)) if callable(launch.grid) \

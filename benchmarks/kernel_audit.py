@@ -43,7 +43,7 @@ from typing import Iterable, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 AUDIT_DIR = ROOT / ".audit"
-CACHE_DIR = AUDIT_DIR / "cache"
+CACHE_DIR = Path(os.environ.get("KERNEL_AUDIT_CACHE", AUDIT_DIR / "cache"))
 SIDE_TRITON = "3.6.0"
 SIDE_DIR = AUDIT_DIR / f"triton-{SIDE_TRITON}"
 SIDE_ENV = "AUDIT_TRITON36_PYTHON"
@@ -177,8 +177,12 @@ def worker_compile(job: dict) -> None:
                     row["num_stages"] = bound["options"].num_stages
                     row["shared"] = int(compiled.metadata.shared)
                     arch_name = f"sm_{arch}a" if arch in (90, 100) else f"sm_{arch}"
-                    row.update(compiler.ptxas_usage(compiled.asm["ptx"], arch_name))
                     row["res_usage"] = compiler.resource_usage(compiled.asm["cubin"])
+                    if job.get("ptxas", True):
+                        row.update(compiler.ptxas_usage(compiled.asm["ptx"], arch_name))
+                    else:  # the cubin's own figures; spill bytes need ptxas -v
+                        row.update(registers=row["res_usage"].get("reg"), stack_bytes=row["res_usage"].get("stack"),
+                                   spill_store_bytes=None, spill_load_bytes=None)
                     listing = compiler.sass_text(compiled.asm["cubin"])
                     analysis = sass.analyse(listing)
                     kernel = sass.parse(listing)[0]
@@ -268,13 +272,17 @@ class Triton:
         self.ptxas: Optional[str] = None
 
     def query_version(self) -> str:
+        """The Triton version this worker would import (package metadata: no triton import)."""
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env.update(self.env)
-        out = subprocess.run([*self.python, "-c", "import triton; print(triton.__version__)"], env=env,
-                             capture_output=True, text=True)
-        if out.returncode != 0:
-            raise RuntimeError(f"{' '.join(self.python)} cannot import triton: {out.stderr.strip()[-500:]}")
-        self.version = out.stdout.strip().splitlines()[-1]
+        code = ("import importlib.metadata as m, sys\n"
+                "d = next(iter(m.distributions(name='triton', path=sys.path)), None)\n"
+                "print(d.version if d else '')")
+        out = subprocess.run([*self.python, "-c", code], env=env, capture_output=True, text=True)
+        version = out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() else ""
+        if not version:
+            raise RuntimeError(f"{' '.join(self.python)} has no triton: {out.stderr.strip()[-500:]}")
+        self.version = version
         return self.version
 
 
@@ -304,6 +312,21 @@ def install_side_triton() -> None:
 # The model: issue-time lower bound against the roofline
 
 
+def main_source_loop(loops: list[dict]) -> Optional[dict]:
+    """The source loop the SASS main loop is taken to be: the kernel's one innermost runtime loop,
+    or its enclosing loop when it never runs more than once per entry (the compiler then drops it,
+    e.g. a head-dim chunk loop with one chunk). None when there are several innermost loops or
+    their trips were not counted (``tl.range``)."""
+    innermost = [loop for loop in loops if loop["innermost"]]
+    if len(innermost) != 1 or innermost[0].get("trips") is None:
+        return None
+    loop = innermost[0]
+    by_line = {l["line"]: l for l in loops}
+    while loop["parent"] is not None and loop["trips"] and max(loop["trips"]) <= 1:
+        loop = by_line[loop["parent"]]
+    return loop if loop.get("trips") is not None else None
+
+
 def model(row: dict, trips: Optional[dict], gpu) -> dict:
     """Per-row derived figures on ``gpu`` (see the module doc); None where an input is missing."""
     from benchmarks._audit_gpus import occupancy
@@ -318,13 +341,14 @@ def model(row: dict, trips: Optional[dict], gpu) -> dict:
     out["programs"] = programs
     if trips is None or main is None or "loops" not in trips:
         return out
-    counted = [loop for loop in trips["loops"] if loop.get("trips") is not None]
-    if len(counted) != 1 or len(trips["loops"]) != 1:
-        out["trips_note"] = f"{len(trips['loops'])} innermost source loops ({len(counted)} counted): not mapped"
+    loop = main_source_loop(trips["loops"])
+    if loop is None:
+        out["trips_note"] = f"{sum(l['innermost'] for l in trips['loops'])} innermost source loops: not mapped"
         return out
     reduced_programs = math.prod(trips["reduced_grid"])
     scale = programs / reduced_programs
-    total_trips = sum(counted[0]["trips"]) * scale
+    total_trips = sum(loop["trips"]) * scale
+    out["source_loop_line"] = loop["line"]
     out["iterations_per_program"] = total_trips / programs
     warp_instructions = (main["total"] * total_trips + row["sass"]["outside_main_loop"] * programs) * warps
     clock = gpu.clock_ghz * 1e9
@@ -342,8 +366,8 @@ def model(row: dict, trips: Optional[dict], gpu) -> dict:
 # Driving it
 
 
-def quick_problems() -> list[dict]:
-    return [dict(STAGE1, dilation=[d, d]) for d in (1, 2)]
+def quick_problems(dilations=(1, 2)) -> list[dict]:
+    return [dict(STAGE1, dilation=[d, d]) for d in dilations]
 
 
 def _problem_tag(problem: dict) -> str:
@@ -407,6 +431,7 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="fused fwd/dQ/dKdV default configs, stage 1, dilation 1 and 2, one line each")
+    parser.add_argument("--dilations", default="1,2", help="quick mode: the stage-1 dilations (default 1,2)")
     parser.add_argument("--arch", type=int, choices=(80, 90, 100), default=90)
     parser.add_argument("--gpu", choices=("H100", "H200"), default=None, help="figures of the bounds (default H200)")
     parser.add_argument("--shape", action="append", default=None,
@@ -415,7 +440,7 @@ def parse_args(argv=None):
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    parser.add_argument("--backends", default="fused,unfused")
+    parser.add_argument("--backends", default="fused,unfused", help="comma list: fused, unfused")
     parser.add_argument("--kernels", default="", help="comma list of launch names to keep (default: all)")
     parser.add_argument("--all-configs", action="store_true", help="every autotune candidate, not only the default")
     parser.add_argument("--triton", default="both", choices=("both", "installed", "3.6.0"))
@@ -470,9 +495,128 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         def print_row(row, derived, tri):
             print(quick_line(row, derived, tri.version), flush=True)
 
-        audit(quick_problems(), tritons, args.arch, gpu, False, QUICK_KERNELS, not args.no_cache, print_row)
+        kernels = [k for k in args.kernels.split(",") if k] or QUICK_KERNELS
+        dilations = [int(d) for d in args.dilations.split(",") if d]
+        audit(quick_problems(dilations), tritons, args.arch, gpu, False, kernels, not args.no_cache, print_row)
         return 0
-    raise SystemExit("kernel_audit: only --quick is available in this version")
+    problems = full_problems(args)
+    kernels = [k for k in args.kernels.split(",") if k]
+
+    def progress(row, derived, tri):
+        sys.stderr.write(f"  {tri.version} {_problem_tag(row['problem'])} {row['launch']} {_config_label(row)}: "
+                         f"{'ok' if row.get('compiled') else row.get('error', '')[:80]}\n")
+
+    start = time.perf_counter()
+    report = audit(problems, tritons, args.arch, gpu, args.all_configs, kernels, not args.no_cache, progress)
+    report.update(arch=args.arch, gpu=gpu.to_json(), gpus={k: g.to_json() for k, g in GPUS.items()},
+                  wall_s=round(time.perf_counter() - start, 1), tritons=[t.version for t in tritons])
+    text = markdown(report)
+    if args.out_md:
+        Path(args.out_md).write_text(text)
+    else:
+        print(text)
+    if args.out_json:
+        Path(args.out_json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+def full_problems(args) -> list[dict]:
+    """The layer shapes of ``--models`` (or each ``--shape``) x each backend, in ``--dtype``."""
+    from benchmarks.sweep import model_shapes, parse_shape
+
+    shapes = [parse_shape(spec, args.batch) for spec in args.shape] if args.shape else \
+        model_shapes([m for m in args.models.split(",") if m], args.img_size, args.batch)
+    problems = []
+    for backend in [b for b in args.backends.split(",") if b]:
+        for shape in shapes:
+            problems.append(dict(spatial=list(shape.spatial), heads=shape.heads, head_dim=shape.head_dim,
+                                 kernel_size=list(shape.kernel_size), dilation=list(shape.dilation),
+                                 causal=list(shape.causal), rpb=shape.rpb, batch=shape.batch, dtype=args.dtype,
+                                 backend=backend))
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def _config_label(row: dict) -> str:
+    c = row["config"]
+    meta = " ".join(f"{k}={v}" for k, v in c["meta"].items())
+    stages = f" s{c['num_stages']}" if c.get("num_stages") is not None else ""
+    return f"{meta} w{c['num_warps']}{stages}".strip()
+
+
+def _fmt(value, spec="{:.0f}", missing="–") -> str:
+    return missing if value is None else spec.format(value)
+
+
+def _widths(d: dict) -> str:
+    return " ".join(f"{v}x{k}" for k, v in d.items()) if d else "–"
+
+
+def _problem_label(problem: dict) -> str:
+    from benchmarks._audit_launch import Problem
+
+    return Problem.from_json(problem).label + f" ({problem.get('backend', 'fused')})"
+
+
+GPU_TABLE_HEADER = ("| GPU | SMs | clock GHz | HBM TB/s (datasheet) | HBM TB/s (measured) | dense bf16 TFLOP/s | "
+                    "MUFU /SM/clk | issue /SM/clk | regs/SM | warps/SM | smem/SM KB |\n"
+                    "|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def gpu_table(gpus: dict) -> str:
+    rows = [GPU_TABLE_HEADER]
+    for g in gpus.values():
+        rows.append(f"| {g['name']} | {g['sms']} | {g['clock_ghz']} | {g['hbm_tbs']} | "
+                    f"{g['hbm_tbs_measured'] or '–'} | {g['bf16_dense_tflops']} | {g['mufu_per_sm_clk']} | "
+                    f"{g['issue_per_sm_clk']} | {g['regs_per_sm']} | {g['max_warps_per_sm']} | {g['smem_per_sm_kb']} |")
+    sources = sorted({src for g in gpus.values() for src in g["sources"]})
+    return "\n".join(rows) + "\n\nSources:\n" + "\n".join(f"- {src}" for src in sources)
+
+
+ROW_HEADER = ("| Triton | kernel | config | pick | regs | spill B | smem KB | blocks/SM | warps/SM | SASS/iter | int | "
+              "fp32 | MMA | MUFU | LDG (bits) | LDGSTS (bits) | outside loop | iters/prog | issue µs | "
+              "roofline µs | MMA µs | MUFU µs | issue/roofline |\n" + "|---" * 23 + "|")
+
+
+def markdown(report: dict) -> str:
+    out = [f"# Kernel audit: sm_{report['arch']}, bounds on {report['gpu']['name']}", ""]
+    out.append("| Triton | ptxas | python |\n|---|---|---|")
+    for header in report["headers"].values():
+        out.append(f"| {header['triton']} | {header['ptxas']} | `{header['python']}` |")
+    out += ["", gpu_table(report["gpus"]), ""]
+    by_problem: dict = {}
+    for row in report["results"]:
+        by_problem.setdefault(json.dumps(row["problem"], sort_keys=True), []).append(row)
+    for key, rows in by_problem.items():
+        out += [f"## {_problem_label(json.loads(key))}", "", ROW_HEADER]
+        for row in sorted(rows, key=lambda r: (r.get("order", 0), r["triton"], _config_label(r) if "config" in r else "")):
+            if row["kind"] == "error":
+                out.append(f"| {row['triton']} | – | – | – | {row['error'][:200]} |" + " |" * 18)
+                continue
+            if not row.get("compiled"):
+                out.append(f"| {row['triton']} | {row['launch']} | {_config_label(row)} | {row['which']} | "
+                           f"does not compile: {row.get('error', '')[:160]} |" + " |" * 18)
+                continue
+            m, main, d = row["sass"]["main_loop"] or {}, row["model"], row["model"]
+            cls = m.get("classes", {})
+            us = lambda v: _fmt(v * 1e3 if v is not None else None, "{:.1f}")  # noqa: E731
+            out.append(
+                f"| {row['triton']} | {row['launch']} | {_config_label(row)} | {row['which']} | {row['registers']} | "
+                f"{row['spill_store_bytes']} | {row['shared'] / 1024:.1f} | {d.get('blocks_per_sm')} | "
+                f"{d.get('warps_per_sm')} | {m.get('total', '–')} | {cls.get('integer', 0)} | {cls.get('fp32', 0)} | "
+                f"{cls.get('mma', 0)} | {cls.get('mufu', 0)} | {_widths(m.get('ldg_by_bits', {}))} | "
+                f"{_widths(m.get('ldgsts_by_bits', {}))} | {row['sass']['outside_main_loop']} | "
+                f"{_fmt(d.get('iterations_per_program'), '{:.1f}')} | {us(d.get('issue_ms'))} | "
+                f"{us(d.get('roofline_ms'))} | {us(d.get('mma_ms'))} | {us(d.get('mufu_ms'))} | "
+                f"{_fmt(d.get('issue_over_roofline'), '{:.2f}')} |")
+        out.append("")
+    out.append(f"Audit wall time {report.get('wall_s')} s.")
+    return "\n".join(out) + "\n"
+
+
 
 
 if __name__ == "__main__":
