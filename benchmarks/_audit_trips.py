@@ -11,7 +11,7 @@ the program (which computes the bounds, and runs outer loops) runs as written.
 To keep it fast the problem runs with batch 1 and one head: the grid's batch*heads axis then has
 one program, and the trip counts of a (batch, head) slice are taken to be those of every slice
 (true when loop bounds depend on the tile and the window only, as in today's kernels).
-Loops over ``tl.range`` are not counted (reported as unknown).
+Loops over ``tl.range`` are counted the same way (the module's ``tl`` is a proxy meanwhile).
 """
 
 from __future__ import annotations
@@ -24,18 +24,58 @@ import inspect
 import operator
 import sys
 import textwrap
+import types
 
 STATIC_RANGES = {"static_range"}
+_REAL_TL = "_kernel_audit_triton_language"
 _MISSING = object()
 
 
 def _range_name(node) -> str | None:
+    """``range`` (the builtin), ``tl_range`` (``<module>.range``, i.e. ``tl.range``), the attribute
+    name of another call (``static_range``), or None."""
     call = node.iter
     if not isinstance(call, ast.Call):
         return None
     if isinstance(call.func, ast.Attribute):
-        return call.func.attr
+        return "tl_range" if call.func.attr == "range" else call.func.attr
     return getattr(call.func, "id", None)
+
+
+class _LanguageProxy(types.ModuleType):
+    """``triton.language`` as the kernel module sees it while counting: ``range`` is the counter,
+    everything else (as patched by the interpreter) is the real module's."""
+
+    def __init__(self, real, counter):
+        super().__init__(real.__name__)
+        object.__setattr__(self, "_real", real)
+        object.__setattr__(self, "range", counter)
+
+    def __getattr__(self, name):
+        return getattr(object.__getattribute__(self, "_real"), name)
+
+
+@contextlib.contextmanager
+def _ranges_replaced(module_globals: dict, counter):
+    """The builtin ``range`` and ``tl.range`` of a kernel's module replaced by ``counter``."""
+    import triton.language as tl
+
+    saved = {name: value for name, value in module_globals.items() if value is tl}
+    saved_range = module_globals.get("range", _MISSING)
+    module_globals["range"] = counter
+    for name in saved:
+        module_globals[name] = _LanguageProxy(tl, counter)
+    # The interpreter patches the triton.language module it finds among the kernel's globals.
+    module_globals[_REAL_TL] = tl
+    try:
+        yield
+    finally:
+        module_globals.update(saved)
+        del module_globals[_REAL_TL]
+        if saved_range is _MISSING:
+            del module_globals["range"]
+        else:
+            module_globals["range"] = saved_range
 
 
 def runtime_loops(fn) -> list[dict]:
@@ -75,7 +115,10 @@ class _CountingRange:
         self.skip = {loop["line"] for loop in loops if loop["innermost"]}
         self.trips: dict[int, list[int]] = {loop["line"]: [] for loop in loops}
 
-    def __call__(self, *args):
+    def __call__(self, arg1, arg2=None, step=None, **options):  # tl.range's options (num_stages, ...) ignored
+        args = (arg1,) if arg2 is None else (arg1, arg2)
+        if step is not None:
+            args = (arg1 if arg2 is not None else 0, arg2 if arg2 is not None else arg1, step)
         r = builtins.range(*(operator.index(a) for a in args))
         loop = self.header_of.get(sys._getframe(1).f_lineno)
         if loop is None:
@@ -137,18 +180,9 @@ def count_trips(problem_json: dict, selections: list[dict]) -> list[dict]:
         meta.update(sel.get("meta", {}))
         grid = launch.grid(dict(zip(interpreted.arg_names, launch.args), **meta)) if callable(launch.grid) \
             else launch.grid
-        counter = _CountingRange([loop for loop in loops if loop["range"] == "range"])
-        module_globals = py_fn.__globals__
-        saved = module_globals.get("range", _MISSING)
-        module_globals["range"] = counter
-        try:
-            with _no_overflow_checks():
-                interpreted[grid](*launch.args, **meta)
-        finally:
-            if saved is _MISSING:
-                del module_globals["range"]
-            else:
-                module_globals["range"] = saved
+        counter = _CountingRange([loop for loop in loops if loop["range"] in ("range", "tl_range")])
+        with _no_overflow_checks(), _ranges_replaced(py_fn.__globals__, counter):
+            interpreted[grid](*launch.args, **meta)
         grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
         results.append(dict(sel, loops=[dict(loop, trips=counter.trips.get(loop["line"])) for loop in loops],
                             reduced_grid=list(grid)))

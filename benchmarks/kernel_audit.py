@@ -315,8 +315,7 @@ def install_side_triton() -> None:
 def main_source_loop(loops: list[dict]) -> Optional[dict]:
     """The source loop the SASS main loop is taken to be: the kernel's one innermost runtime loop,
     or its enclosing loop when it never runs more than once per entry (the compiler then drops it,
-    e.g. a head-dim chunk loop with one chunk). None when there are several innermost loops or
-    their trips were not counted (``tl.range``)."""
+    e.g. a head-dim chunk loop with one chunk). None when there are several innermost loops."""
     innermost = [loop for loop in loops if loop["innermost"]]
     if len(innermost) != 1 or innermost[0].get("trips") is None:
         return None

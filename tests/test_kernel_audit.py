@@ -131,3 +131,21 @@ def test_quick_mode_prints_one_parsable_line(tmp_path):
     # A second run answers from the cache, with the same line.
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and lines[0] in again.stdout
+
+
+def test_trip_counter_counts_builtin_and_tl_range_loops():
+    """The counting shim in a kernel module: outer loops run, innermost bodies are skipped."""
+    import triton.language as tl
+
+    from benchmarks._audit_trips import _CountingRange, _ranges_replaced
+
+    loops = [dict(line=1, header=[1], innermost=False), dict(line=2, header=[2], innermost=True)]
+    counter = _CountingRange(loops)
+    module = {"tl": tl}
+    code = compile("for i in range(3):\n    for j in tl.range(0, i + 5, 2, num_stages=2):\n        raise AssertionError\n",
+                   "<kernel>", "exec")
+    with _ranges_replaced(module, counter):
+        assert module["tl"] is not tl and module["tl"].arange is tl.arange
+        exec(code, module)
+    assert module["tl"] is tl and "range" not in module
+    assert counter.trips == {1: [3], 2: [3, 3, 4]}
