@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -153,7 +154,10 @@ def launch_name(launch: Launch) -> str:
     name = launch.tuning_name
     if name:
         return SHORT_NAMES.get(name, name)
-    fn_name = launch.jit_function.__name__.strip("_")
+    fn = launch.kernel  # an autotuner, a JITFunction or (interpreted) an InterpretedFunction
+    while hasattr(fn, "fn"):
+        fn = fn.fn
+    fn_name = fn.__name__.strip("_")
     return fn_name[:-len("_kernel")] if fn_name.endswith("_kernel") else fn_name
 
 
@@ -208,18 +212,24 @@ def recording(launches: list, keep_tensors: bool = False) -> Iterator[None]:
                                        {k: convert(v) for k, v in kwargs.items()}, order=len(launches)))
             return call
 
-    saved_wrap, saved_run = tuning.wrap_triton, tuning.run_kernel
-
     def run_kernel(kernel, grid, args, kwargs):  # the interpreted path launches without wrap_triton
         _Recorder(kernel)[grid](*args, **kwargs)
 
+    # ``run_kernel`` is also imported by name into kernel modules: replace every binding of it.
+    original_run = tuning.run_kernel
+    holders = [m for name, m in list(sys.modules.items())
+               if (name == "kernels" or name.startswith("kernels.")) and getattr(m, "run_kernel", None) is original_run]
+    saved_wrap = tuning.wrap_triton
     tuning.wrap_triton = _Recorder
     if keep_tensors:
-        tuning.run_kernel = run_kernel
+        for module in holders:
+            module.run_kernel = run_kernel
     try:
         yield
     finally:
-        tuning.wrap_triton, tuning.run_kernel = saved_wrap, saved_run
+        tuning.wrap_triton = saved_wrap
+        for module in holders:
+            module.run_kernel = original_run
 
 
 def _backward(root: torch.Tensor) -> None:

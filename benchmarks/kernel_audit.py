@@ -314,14 +314,15 @@ def install_side_triton() -> None:
 
 def main_source_loop(loops: list[dict]) -> Optional[dict]:
     """The source loop the SASS main loop is taken to be: the kernel's one innermost runtime loop,
-    or its enclosing loop when it never runs more than once per entry (the compiler then drops it,
-    e.g. a head-dim chunk loop with one chunk). None when there are several innermost loops."""
+    or its enclosing loop when it never runs more than once per entry or never runs at all (the
+    compiler then drops it: a head-dim chunk loop with one chunk, or one in a branch a constexpr
+    removes). None when there are several innermost loops."""
     innermost = [loop for loop in loops if loop["innermost"]]
     if len(innermost) != 1 or innermost[0].get("trips") is None:
         return None
     loop = innermost[0]
     by_line = {l["line"]: l for l in loops}
-    while loop["parent"] is not None and loop["trips"] and max(loop["trips"]) <= 1:
+    while loop["parent"] is not None and max(loop["trips"] or [0]) <= 1:
         loop = by_line[loop["parent"]]
     return loop if loop.get("trips") is not None else None
 
@@ -343,6 +344,13 @@ def model(row: dict, trips: Optional[dict], gpu) -> dict:
     loop = main_source_loop(trips["loops"])
     if loop is None:
         out["trips_note"] = f"{sum(l['innermost'] for l in trips['loops'])} innermost source loops: not mapped"
+        return out
+    # Trips were counted at batch 1, one head: valid for the full grid only if nothing but the
+    # batch*heads axis shrank (a kernel whose loop runs over the batch, like the dRPB reduction, is not).
+    shrunk = [a for a, (full, reduced) in enumerate(zip(row["grid"], trips["reduced_grid"])) if full != reduced]
+    if len(shrunk) > 1:
+        out["trips_note"] = (f"grid {row['grid']} vs {trips['reduced_grid']} at batch 1, one head: "
+                             f"trip counts depend on the batch or heads, not scaled")
         return out
     reduced_programs = math.prod(trips["reduced_grid"])
     scale = programs / reduced_programs

@@ -104,6 +104,8 @@ def test_main_source_loop_skips_single_trip_loops():
     outer = dict(line=10, innermost=False, parent=None, trips=[49, 49])
     inner = dict(line=12, innermost=True, parent=10, trips=[1] * 98)
     assert main_source_loop([outer, inner]) is outer
+    inner["trips"] = []  # in a branch a constexpr removes
+    assert main_source_loop([outer, inner]) is outer
     inner["trips"] = [1, 2]
     assert main_source_loop([outer, inner]) is inner
     assert main_source_loop([outer, inner, dict(inner, line=14)]) is None  # two innermost loops: not mapped
