@@ -44,3 +44,19 @@ gpu-record: install
 	else \
 	  PYTHONPATH=. $(PY) -m benchmarks.gpu_record --smoke --out $(RECORD_DIR)-smoke; \
 	fi
+# Static audit of the Triton kernels for sm_90 without a GPU (docs/kernel_audit.md), on the installed
+# Triton and the GPU image's Triton 3.6.0 (installed on demand into .audit/; or set
+# AUDIT_TRITON36_PYTHON=/path/to/python that has triton==3.6.0).
+AUDIT_TRITON36_PYTHON ?=
+AUDIT_ARGS ?=
+kernel-audit: install
+	AUDIT_TRITON36_PYTHON=$(AUDIT_TRITON36_PYTHON) PYTHONPATH=. $(PY) -m benchmarks.kernel_audit --setup-side \
+		--out-md kernel-audit.md --out-json kernel-audit.json $(AUDIT_ARGS)
+
+kernel-audit-quick: install
+	@AUDIT_TRITON36_PYTHON=$(AUDIT_TRITON36_PYTHON) PYTHONPATH=. $(PY) -m benchmarks.kernel_audit --setup-side --quick $(AUDIT_ARGS)
+
+kernel-audit-setup: install
+	AUDIT_TRITON36_PYTHON=$(AUDIT_TRITON36_PYTHON) PYTHONPATH=. $(PY) -m benchmarks.kernel_audit --setup-side --triton 3.6.0 --check-setup
+
+.PHONY: kernel-audit kernel-audit-quick kernel-audit-setup
