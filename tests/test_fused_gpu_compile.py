@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # One specialisation that takes every code path: a causal axis, an RPB, an incoming dLSE,
 # a 2-D tile, a non-power-of-two head (BLOCK_D 32 for head_dim 24).
-META = dict(K0=1, K1=5, K2=7, C0=False, C1=False, C2=True, T0=1, T1=8, T2=8, HAS_RPB=True, BLOCK_D=32,
+META = dict(K0=1, K1=5, K2=7, C0=False, C1=False, C2=True, T0=1, T1=8, T2=8, P1=16, P2=16, HAS_RPB=True, BLOCK_D=32,
             IEEE=False)
 
 _SCRIPT = """
@@ -48,7 +48,7 @@ def compile_for_h100(kernel, constexprs):
     print(fn.__name__, "shared", compiled.metadata.shared)
 
 compile_for_h100(forward.na_fwd_kernel, dict(meta, BLOCK_K=64))
-compile_for_h100(backward.na_bwd_dq_kernel, dict(meta, HAS_DLSE=True, BLOCK_R=128, BLOCK_K=64))
+compile_for_h100(backward.na_bwd_dq_kernel, dict(meta, HAS_DLSE=True, BLOCK_S=64, BLOCK_R=128, BLOCK_K=64))
 compile_for_h100(backward.na_bwd_dkdv_kernel, dict(meta, BLOCK_Q=64))
 """
 
