@@ -32,3 +32,20 @@ bench-smoke: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+
+# Static audit of the Triton kernels for sm_90 without a GPU (docs/kernel_audit.md), on the installed
+# Triton and the GPU image's Triton 3.6.0 (installed on demand into .audit/; or set
+# AUDIT_TRITON36_PYTHON=/path/to/python that has triton==3.6.0).
+AUDIT_TRITON36_PYTHON ?=
+AUDIT_ARGS ?=
+kernel-audit: install
+	AUDIT_TRITON36_PYTHON=$(AUDIT_TRITON36_PYTHON) PYTHONPATH=. $(PY) -m benchmarks.kernel_audit --setup-side \
+		--out-md kernel-audit.md --out-json kernel-audit.json $(AUDIT_ARGS)
+
+kernel-audit-quick: install
+	@AUDIT_TRITON36_PYTHON=$(AUDIT_TRITON36_PYTHON) PYTHONPATH=. $(PY) -m benchmarks.kernel_audit --setup-side --quick $(AUDIT_ARGS)
+
+kernel-audit-setup: install
+	AUDIT_TRITON36_PYTHON=$(AUDIT_TRITON36_PYTHON) PYTHONPATH=. $(PY) -m benchmarks.kernel_audit --setup-side --triton 3.6.0 --check-setup
+
+.PHONY: kernel-audit kernel-audit-quick kernel-audit-setup
