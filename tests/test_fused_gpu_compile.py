@@ -8,9 +8,9 @@ of 32, 7x7, RPB) is compiled on sm_90 in bf16 at dilation 1 and in fp16 at dilat
 in bf16 at dilation 2 (every value of every factor, at about 9 cold compiles of CPU time). It runs in a subprocess without ``TRITON_INTERPRET`` (the
 interpreter replaces ``triton.jit`` at import time).
 
-Spills are recorded, not asserted (a later issue makes "zero spills" an assertion). Today, on
-Triton 3.8.0 (bf16 d1 sm_90): forward 0 B, dQ 320 B, dK/dV 108 B of spill stores; on Triton 3.6.0
-forward 0 B, dQ 276 B, dK/dV 132 B (``make kernel-audit-quick``; docs/kernel_audit.md).
+On sm_90, zero spill stores and a ceiling on the SASS per inner-loop iteration are asserted (before
+the index-layer rework, Triton 3.8.0 bf16 d1 spilled dQ 320 B and dK/dV 108 B, Triton 3.6.0 dQ 276 B
+and dK/dV 132 B; ``make kernel-audit-quick``; docs/kernel_audit.md).
 """
 
 import pytest
@@ -24,6 +24,9 @@ STAGE1 = dict(spatial=[56, 56], heads=2, head_dim=32, kernel_size=[7, 7], causal
 # (arch, dtype, dilation): every value of each factor; sm_90, where the asserts are strict, twice.
 CASES = [(90, "bfloat16", 1), (90, "float16", 2), (80, "bfloat16", 2)]
 KERNELS = ("fused_fwd", "fused_dq", "fused_dkdv")
+# SASS per inner-loop iteration allowed on sm_90 (dilation 1, dilation > 1); today about 620-680,
+# 900-960 and 730-880 on Triton 3.6.0 and 3.8.0.
+SASS_PER_ITER_CEILING = {"fused_fwd": (900, 900), "fused_dq": (2000, 2000), "fused_dkdv": (1500, 2000)}
 
 
 @pytest.mark.skipif(not ptxas_available(), reason="this Triton build ships no NVIDIA backend/ptxas")
@@ -47,6 +50,10 @@ def test_fused_kernels_compile_as_launched():
                 assert "128" in main["ldgsts_by_bits"] or "128" in main["ldg_by_bits"], \
                     f"{where}: no 16-byte global loads ({main['ldg_by_bits']}, {main['ldgsts_by_bits']})"
                 assert row["spill_store_bytes"] is not None and row["spill_store_bytes"] >= 0
+                # The index layer's targets (docs/kernel_audit.md): no spills, inner loop within its ceiling.
+                assert row["spill_store_bytes"] == 0, f"{where}: {row['spill_store_bytes']} B of spill stores"
+                ceiling = SASS_PER_ITER_CEILING[row["launch"]][dilation > 1]
+                assert main["total"] <= ceiling, f"{where}: {main['total']} SASS per iteration > {ceiling}"
                 print(f"{where}: {row['registers']} regs, {row['spill_store_bytes']} B spill stores, "
                       f"{main['total']} SASS/iter")
             else:
