@@ -44,6 +44,7 @@ gpu-record: install
 	else \
 	  PYTHONPATH=. $(PY) -m benchmarks.gpu_record --smoke --out $(RECORD_DIR)-smoke; \
 	fi
+
 # Static audit of the Triton kernels for sm_90 without a GPU (docs/kernel_audit.md), on the installed
 # Triton and the GPU image's Triton 3.6.0 (installed on demand into .audit/; or set
 # AUDIT_TRITON36_PYTHON=/path/to/python that has triton==3.6.0).
