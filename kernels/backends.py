@@ -28,6 +28,9 @@ BACKENDS: dict[str, str] = {
 # fall through to the reference.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cuda": ("fused", "unfused", "tiled", "reference"),
+    # Meta tensors are for shape and FLOP analysis: the reference's einsums count exactly NA's
+    # useful work, where "tiled"'s [tile, halo] matmuls would also count the halo keys it masks.
+    "meta": ("reference",),
 }
 _AUTO_DEFAULT = ("tiled", "reference")
 

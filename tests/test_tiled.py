@@ -102,19 +102,16 @@ def test_torch_compile_fullgraph_matches_eager():
     rpb = torch.randn(2, 5, 5, requires_grad=True)
 
     def attention(q, k, v, rpb):
-        out, lse = kernels.na2d(q, k, v, 3, (2, 3), rpb=rpb, backend="tiled", return_lse=True)
-        return out, lse
+        return kernels.na2d(q, k, v, 3, (2, 3), rpb=rpb, backend="tiled", return_lse=True)
+
+    def outputs_and_grads(fn):
+        out, lse = fn(q, k, v, rpb)
+        return [out, lse, *torch.autograd.grad(out.sum() + lse.sum(), (q, k, v, rpb))]
 
     # aot_eager traces forward and backward with fake tensors (what Inductor sees) without C++ builds.
     compiled = torch.compile(attention, fullgraph=True, backend="aot_eager")
-    out, lse = compiled(q, k, v, rpb)
-    want, want_lse = attention(q, k, v, rpb)
-    torch.testing.assert_close(out, want)
-    torch.testing.assert_close(lse, want_lse)
-    grads = torch.autograd.grad(out.sum() + lse.sum(), (q, k, v, rpb))
-    want_grads = torch.autograd.grad(want.sum() + want_lse.sum(), (q, k, v, rpb))
-    for g, w in zip(grads, want_grads):
-        torch.testing.assert_close(g, w)
+    for got, want in zip(outputs_and_grads(compiled), outputs_and_grads(attention)):
+        torch.testing.assert_close(got, want)
 
 
 # --- the tables -------------------------------------------------------------------------------
@@ -154,6 +151,7 @@ def test_auto_picks_tiled_without_triton_and_the_reference_for_qk_av():
         assert backends.resolve("auto", torch.device(device), "na").__name__ == "kernels.tiled"
         for op in ("qk", "av"):
             assert backends.resolve("auto", torch.device(device), op).__name__ == "kernels.reference"
+    assert backends.resolve("auto", torch.device("meta"), "na").__name__ == "kernels.reference"  # FLOP counts
     assert "tiled" in kernels.available_backends("cpu")
     with pytest.raises(ValueError, match=r"backend='tiled' is unavailable for tensors on cpu: it has no separate qk op"):
         kernels.na2d_qk(torch.randn(1, 5, 5, 1, 2), torch.randn(1, 5, 5, 1, 2), 3, backend="tiled")
