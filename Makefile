@@ -32,3 +32,32 @@ bench-smoke: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+
+# The whole GPU record in one command (docs/benchmarks.md, "One-command GPU record"): with a CUDA
+# GPU the record into RECORD_DIR within RECORD_BUDGET_S seconds; without one, the CPU smoke run.
+RECORD_DIR ?= gpu-record
+RECORD_BUDGET_S ?= 480
+.PHONY: gpu-record
+gpu-record: install
+	if PYTHONPATH=. $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+	  PYTHONPATH=. $(PY) -m benchmarks.gpu_record --out $(RECORD_DIR) --budget-s $(RECORD_BUDGET_S); \
+	else \
+	  PYTHONPATH=. $(PY) -m benchmarks.gpu_record --smoke --out $(RECORD_DIR)-smoke; \
+	fi
+
+# Static audit of the Triton kernels for sm_90 without a GPU (docs/kernel_audit.md), on the installed
+# Triton and the GPU image's Triton 3.6.0 (installed on demand into .audit/; or set
+# AUDIT_TRITON36_PYTHON=/path/to/python that has triton==3.6.0).
+AUDIT_TRITON36_PYTHON ?=
+AUDIT_ARGS ?=
+kernel-audit: install
+	AUDIT_TRITON36_PYTHON=$(AUDIT_TRITON36_PYTHON) PYTHONPATH=. $(PY) -m benchmarks.kernel_audit --setup-side \
+		--out-md kernel-audit.md --out-json kernel-audit.json $(AUDIT_ARGS)
+
+kernel-audit-quick: install
+	@AUDIT_TRITON36_PYTHON=$(AUDIT_TRITON36_PYTHON) PYTHONPATH=. $(PY) -m benchmarks.kernel_audit --setup-side --quick $(AUDIT_ARGS)
+
+kernel-audit-setup: install
+	AUDIT_TRITON36_PYTHON=$(AUDIT_TRITON36_PYTHON) PYTHONPATH=. $(PY) -m benchmarks.kernel_audit --setup-side --triton 3.6.0 --check-setup
+
+.PHONY: kernel-audit kernel-audit-quick kernel-audit-setup

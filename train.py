@@ -15,12 +15,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 
-def eval_command(checkpoint: str) -> str:
-    """The eval.py command that evaluates ``checkpoint`` on the data this run trained on."""
+def eval_command(checkpoint: str, use_ema: bool = False) -> str:
+    """The eval.py command that evaluates ``checkpoint`` (its EMA weights if ``use_ema``) on this run's data."""
     hydra_cfg = HydraConfig.get()
     data_overrides = [o for o in hydra_cfg.overrides.task if o.startswith(("data.", "+data."))]
-    return " ".join(["python eval.py", f"checkpoint={checkpoint}", f"data={hydra_cfg.runtime.choices['data']}",
-                     *data_overrides])
+    return " ".join(["python eval.py", f"checkpoint={checkpoint}", *(["use_ema=true"] if use_ema else []),
+                     f"data={hydra_cfg.runtime.choices['data']}", *data_overrides])
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
@@ -37,10 +37,12 @@ def main(cfg: DictConfig):
     if summary.get("best") is None or "val/top1" not in summary["metrics"]:
         return None
     metrics, best = summary["metrics"], summary["best"]
+    ema_best = best.get("weights") == "ema"  # with EMA on, best.pt is the epoch of the best EMA top-1
     print(f"done: {summary['epochs']} epochs | final val top-1 {metrics['val/top1']:.2f}% "
-          f"top-5 {metrics['val/top5']:.2f}% | best top-1 {best['top1']:.2f}% (epoch {best['epoch']})\n"
+          f"top-5 {metrics['val/top5']:.2f}% | best{' EMA' if ema_best else ''} top-1 {best['top1']:.2f}% "
+          f"(epoch {best['epoch']})\n"
           f"checkpoints: {summary['checkpoint']} (last), {summary['best_checkpoint']} (best)\n"
-          f"evaluate:    {eval_command(summary['best_checkpoint'])}", flush=True)
+          f"evaluate:    {eval_command(summary['best_checkpoint'], use_ema=ema_best)}", flush=True)
     return best["top1"]  # for Hydra sweepers
 
 

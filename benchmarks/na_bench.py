@@ -15,6 +15,7 @@ Examples::
 
     PYTHONPATH=. python -m benchmarks.na_bench --preset dinat-tiny --out bench.md --plot bench.png
     PYTHONPATH=. python -m benchmarks.na_bench --tiny            # CPU smoke test, seconds
+    PYTHONPATH=. python -m benchmarks.na_bench --preset dinat-mini --cpu-threads 2 --cpu-memory  # CPU
 """
 
 from __future__ import annotations
@@ -94,14 +95,19 @@ def _square(group, batch, size, heads, head_dim, k, d, ndim=2, use_rpb=True) -> 
     return Shape(group, batch, (size,) * ndim, heads, head_dim, (k,) * ndim, (d,) * ndim, (False,) * ndim, use_rpb)
 
 
-def _dinat_tiny(batch: int) -> list[Shape]:
+def _dinat_tiny(batch: int, group: str = "dinat-t") -> list[Shape]:
     # DiNAT-tiny at 224x224: stages of 56^2 .. 7^2 tokens, 2..16 heads of 32, 7x7 windows; its
     # dilated layers use 8, 4, 2, 1 and every stage also has undilated layers.
     shapes = []
     for stage, (size, heads, dilation) in enumerate(((56, 2, 8), (28, 4, 4), (14, 8, 2), (7, 16, 1)), start=1):
         for d in sorted({dilation, 1}, reverse=True):
-            shapes.append(_square(f"dinat-t s{stage}", batch, size, heads, 32, 7, d))
+            shapes.append(_square(f"{group} s{stage}", batch, size, heads, 32, 7, d))
     return shapes
+
+
+def _dinat_mini(batch: int) -> list[Shape]:
+    # DiNAT-mini's layers have DiNAT-tiny's shapes (it is shallower, not narrower); batch 8 for a CPU.
+    return _dinat_tiny(batch, "dinat-mini")
 
 
 def _large_image(batch: int) -> list[Shape]:
@@ -133,12 +139,15 @@ PRESETS: dict[str, tuple[Callable[[int], list[Shape]], int]] = {
     "large-image": (_large_image, 8),
     "video": (_video, 4),
     "tiny": (_tiny, 2),
+    "dinat-mini": (_dinat_mini, 8),
 }
+# Presets that "all" leaves out: the smoke test, and dinat-mini (dinat-tiny's shapes at a CPU batch).
+_NOT_IN_ALL = ("tiny", "dinat-mini")
 PRESET_CHOICES = [*PRESETS, "all"]
 
 
 def preset_shapes(name: str, batch: Optional[int] = None) -> list[Shape]:
-    names = [n for n in PRESETS if n != "tiny"] if name == "all" else [name]
+    names = [n for n in PRESETS if n not in _NOT_IN_ALL] if name == "all" else [name]
     shapes = []
     for n in names:
         make, default_batch = PRESETS[n]
@@ -279,6 +288,22 @@ def peak_memory_mib(call: Callable[[], None], device: torch.device) -> Optional[
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
+def cpu_peak_memory_mib(call: Callable[[], None]) -> float:
+    """Peak of the memory allocated during one call on the CPU, above what was allocated before it
+    (inputs not included): the running sum of the profiler's allocation/free records."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        call()
+    records = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                     key=lambda e: e.start_ns())
+    allocated = peak = 0
+    for record in records:
+        allocated += record.nbytes()
+        peak = max(peak, allocated)
+    return peak / 2**20
+
+
 @dataclass
 class Result:
     shape: Shape
@@ -353,6 +378,8 @@ def run_benchmark(shapes: Sequence[Shape], candidates: Sequence[str], modes: Seq
                     call = step(fn, mode, q, k, v, rpb, grad_out)
                     result.ms = time_ms(call, device, args)
                     result.peak_mib = peak_memory_mib(call, device)
+                    if result.peak_mib is None and getattr(args, "cpu_memory", False) and device.type == "cpu":
+                        result.peak_mib = cpu_peak_memory_mib(call)
                 except Unsupported as exc:
                     result.status, result.note = "unsupported", str(exc)
                 except Exception as exc:  # noqa: BLE001 -- one failing candidate must not end the run
@@ -413,8 +440,11 @@ def markdown_table(results: Sequence[Result], env: dict[str, str], args, candida
         f"- vs {args.baseline}: {args.baseline} ms / candidate ms in the same run (> 1 means faster)",
         f"- TFLOP/s: effective, NA's useful work 4·B·H·N·K·D per forward (x{FWD_BWD_FLOP_FACTOR} for fwd+bwd),"
         " the same count for every candidate (sdpa really does N/K times more work)",
-        "- peak MiB: `torch.cuda.max_memory_allocated` during one call, inputs included"
-        + ("" if device.type == "cuda" else " (n/a on CPU)"),
+        ("- peak MiB: `torch.cuda.max_memory_allocated` during one call, inputs included"
+         + ("" if device.type == "cuda" else " (n/a on CPU)")
+         if device.type == "cuda" or not getattr(args, "cpu_memory", False) else
+         "- peak MiB: CPU, `--cpu-memory`: peak of the memory allocated during one call (profiler "
+         "allocation records), inputs not included"),
         "- max abs err: against the float32 reference on the checked shapes "
         f"(`--check {args.check}`); tolerance {TOLERANCE[dtype]:g} x max(1, max|ref|) per tensor; sdpa is a different function",
         "",
@@ -524,6 +554,8 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=5, help="CPU: timed calls per case")
     parser.add_argument("--cpu-threads", type=int, default=None,
                         help="CPU: torch.set_num_threads (1 gives steadier times on a shared machine)")
+    parser.add_argument("--cpu-memory", action="store_true",
+                        help="CPU: measure each call's peak allocated memory with the profiler (one extra call)")
     parser.add_argument("--out", default=None, help="write the markdown table here")
     parser.add_argument("--plot", default=None, help="write a bar chart (PNG) here")
     args = parser.parse_args(argv)

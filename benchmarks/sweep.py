@@ -390,6 +390,8 @@ class SweepOptions:
     cpu_reps: int = 1
     device: str = "cuda"
     log: Callable[[str], None] = print
+    # kernel name -> the configs to try; None: candidate_configs (a caller with a time limit narrows them)
+    candidates: Optional[Callable[[str], list]] = None
 
 
 def sweep_unit(unit: Unit, launch: Launch, options: SweepOptions, timer, after_candidate=None) -> dict:
@@ -407,7 +409,9 @@ def sweep_unit(unit: Unit, launch: Launch, options: SweepOptions, timer, after_c
     default_ms = timer(lambda: launch.run_config(default))
     entry["default"] = dict(default.to_json(), ms=default_ms)
     candidates = []
-    for config in candidate_configs(unit.key.kernel, options.smoke):
+    configs = (options.candidates(unit.key.kernel) if options.candidates is not None
+               else candidate_configs(unit.key.kernel, options.smoke))
+    for config in configs:
         chosen = tuning.LaunchConfig.from_triton(config)
         record = dict(chosen.to_json(), valid=False, ms=None, max_error=None, error=None)
         try:

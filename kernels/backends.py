@@ -14,19 +14,25 @@ from types import ModuleType
 
 import torch
 
-# name -> module path. "reference" is pure PyTorch; the others are Triton.
+# name -> module path. "reference" and "tiled" are pure PyTorch; the others are Triton.
 BACKENDS: dict[str, str] = {
     "reference": "kernels.reference",
+    "tiled": "kernels.tiled",
     "unfused": "kernels.unfused",
     "fused": "kernels.fused",
 }
 
 # What "auto" tries, fastest first, per device type. On CPU the Triton backends only run under
-# the (slow) interpreter, so "auto" never picks them there.
+# the (slow) interpreter, so "auto" never picks them there; "tiled" (plain PyTorch) is the fast
+# path on every device without Triton (CPU, MPS, ...). It has no separate qk/av ops, so those
+# fall through to the reference.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    "cuda": ("fused", "unfused", "reference"),
+    "cuda": ("fused", "unfused", "tiled", "reference"),
+    # Meta tensors are for shape and FLOP analysis: the reference's einsums count exactly NA's
+    # useful work, where "tiled"'s [tile, halo] matmuls would also count the halo keys it masks.
+    "meta": ("reference",),
 }
-_AUTO_DEFAULT = ("reference",)
+_AUTO_DEFAULT = ("tiled", "reference")
 
 
 _LOADED: dict[str, tuple[ModuleType | None, str | None]] = {}

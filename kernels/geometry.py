@@ -41,6 +41,8 @@ __all__ = [
     "max_inverse_count",
     "neighborhood",
     "rpb_shape",
+    "TileTables",
+    "tile_tables",
 ]
 
 
@@ -177,3 +179,123 @@ def neighborhood(spatial: Sequence[int], params: NAParams, device=None):
     rpb_index = rpb_index.expand(full).reshape(N, K)
     valid = valid.expand(full).reshape(N, K) if params.any_causal else None
     return index, valid, rpb_index
+
+
+# --- query tiles with a halo of keys (the "tiled" PyTorch backend) ------------------------------
+
+
+@dataclass(frozen=True)
+class TileTables:
+    """An undilated n-D map cut into query tiles, each with the box of keys its windows reach.
+
+    ``query_index[t * tile_size + p]``: flat token (row-major over the map) of position ``p`` of
+    tile ``t``; ``halo_index[t * halo_size + h]``: flat token of halo position ``h`` of tile ``t``;
+    ``bias_index[t, p, h]``: flat index into ``rpb.view(heads, -1)`` of the key at halo position
+    ``h`` for query ``p`` of tile ``t``, or ``num_rpb`` (one past the last bias) where that key is
+    outside the query's window (or an unused causal slot); ``output_index[n]``: the tiled row
+    (``t * tile_size + p``) that holds token ``n``'s result. The last tile along an axis that the
+    tile size does not divide starts earlier and overlaps its neighbour, so every tile is full.
+    """
+
+    query_index: torch.Tensor
+    halo_index: torch.Tensor
+    bias_index: torch.Tensor
+    output_index: torch.Tensor
+    num_rpb: int
+
+    @property
+    def num_tiles(self) -> int:
+        return self.bias_index.shape[0]
+
+    @property
+    def tile_size(self) -> int:
+        return self.bias_index.shape[1]
+
+    @property
+    def halo_size(self) -> int:
+        return self.bias_index.shape[2]
+
+
+def _axis_tiles(length: int, k: int, causal: bool, tile: int):
+    """One axis of ``tile_tables``: per tile, its queries, its halo and each (query, halo key)'s bias index."""
+    neighbors, valid, rpb_index, window_start = _axis_window_cpu(length, k, 1, causal)
+    tile = min(tile, length)
+    num_tiles = -(-length // tile)
+    tile_start = torch.clamp(torch.arange(num_tiles) * tile, max=length - tile)
+    queries = tile_start[:, None] + torch.arange(tile)  # [T, tile]
+    halo = min(tile + k - 1, length)
+    # Window starts rise by 0 or 1 per query, so a tile's windows lie in
+    # [start(first), start(first) + tile - 1 + k): a box of `halo` keys, moved inward at the end.
+    halo_start = torch.clamp(window_start[tile_start], max=length - halo)
+    keys = halo_start[:, None] + torch.arange(halo)  # [T, halo]
+    # bias[t, p, h]: rpb index of key keys[t, h] in the window of query queries[t, p], else -1.
+    nb = neighbors[queries]  # [T, tile, k]
+    hit = (nb[:, :, :, None] == keys[:, None, None, :]) & valid[queries][:, :, :, None]  # [T, tile, k, halo]
+    rel = torch.where(hit, rpb_index[queries][:, :, :, None], -1).amax(2)  # a key fills at most one slot
+    position = torch.arange(length)
+    tile_of = torch.clamp(position // tile, max=num_tiles - 1)
+    output = tile_of * tile + position - tile_start[tile_of]
+    return queries, keys, rel, output, num_tiles, tile
+
+
+@functools.lru_cache(maxsize=128)
+def _tile_tables_cpu(spatial: tuple, kernel_size: tuple, is_causal: tuple, tile: tuple) -> TileTables:
+    ndim = len(spatial)
+    per_axis = [_axis_tiles(*args) for args in zip(spatial, kernel_size, is_causal, tile)]
+    num_tiles = [a[4] for a in per_axis]
+    tiles = [a[5] for a in per_axis]
+    halos = [a[1].shape[1] for a in per_axis]
+
+    def combine(parts):
+        """Flat tokens (row-major over the map) from per-axis ``[T_a, X_a]`` coordinates, laid out
+        ``[T_0, .., T_{n-1}, X_0, .., X_{n-1}]`` (tile first, then position in the tile)."""
+        flat = None
+        for axis, (part, size) in enumerate(zip(parts, spatial)):
+            shape = [1] * (2 * ndim)
+            shape[axis], shape[ndim + axis] = part.shape
+            part = part.view(shape)
+            flat = part if flat is None else flat * size + part
+        return flat.reshape(-1)
+
+    query_index = combine([a[0] for a in per_axis])
+    halo_index = combine([a[1] for a in per_axis])
+    # bias: [T_0.., tile_0.., halo_0..], -1 anywhere on one axis -> outside the window.
+    rel, outside = None, None
+    for axis, (a, k) in enumerate(zip(per_axis, kernel_size)):
+        shape = [1] * (3 * ndim)
+        shape[axis], shape[ndim + axis], shape[2 * ndim + axis] = a[2].shape
+        r = a[2].view(shape)
+        rel = r.clamp(min=0) if rel is None else rel * (2 * k - 1) + r.clamp(min=0)
+        outside = (r < 0) if outside is None else outside | (r < 0)
+    num_rpb = math.prod(2 * k - 1 for k in kernel_size)
+    bias_index = torch.where(outside, num_rpb, rel).expand(*num_tiles, *tiles, *halos)
+    bias_index = bias_index.reshape(math.prod(num_tiles), math.prod(tiles), math.prod(halos))
+    # Output: token (i_0, ..) sits at tile (t_0, ..), position (p_0, ..).
+    output = None
+    for axis, a in enumerate(per_axis):
+        shape = [1] * ndim
+        shape[axis] = spatial[axis]
+        t, p = (a[3] // tiles[axis]).view(shape), (a[3] % tiles[axis]).view(shape)
+        output = (t, p) if output is None else (output[0] * num_tiles[axis] + t, output[1] * tiles[axis] + p)
+    output_index = (output[0] * math.prod(tiles) + output[1]).expand(*spatial).reshape(-1)
+    return TileTables(query_index, halo_index, bias_index.contiguous(), output_index, num_rpb)
+
+
+def tile_tables(spatial: Sequence[int], kernel_size: Sequence[int], is_causal: Sequence[bool],
+                tile: Sequence[int], device=None) -> TileTables:
+    """``TileTables`` of an undilated map (a dilated axis is ``dilation`` undilated sub-grids),
+    built from the window rule above once per shape and cached; ``tile`` is the query tile's
+    extent per axis (clipped to the map)."""
+    key = (tuple(int(s) for s in spatial), tuple(int(k) for k in kernel_size), tuple(bool(c) for c in is_causal),
+           tuple(int(t) for t in tile))
+    tables = _tile_tables_cpu(*key)
+    if device is None or torch.device(device).type == "cpu":
+        return tables
+    return _tile_tables_on(key, torch.device(device))
+
+
+@functools.lru_cache(maxsize=128)
+def _tile_tables_on(key, device: torch.device) -> TileTables:
+    t = _tile_tables_cpu(*key)
+    return TileTables(*(x.to(device) for x in (t.query_index, t.halo_index, t.bias_index, t.output_index)),
+                      t.num_rpb)

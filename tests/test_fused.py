@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 triton = pytest.importorskip("triton")
 
 import kernels  # noqa: E402
-from kernels import fused, reference  # noqa: E402
+from kernels import fused, geometry, reference  # noqa: E402
 from kernels.api import check_params  # noqa: E402
 from kernels.fused import config, ops  # noqa: E402
 
@@ -221,6 +221,62 @@ def test_tile_shape_heuristic():
     for spatial, dil, ndim in [((3, 5, 7), (1, 2, 3), 3), ((1, 1, 300), (1, 1, 4), 1), ((1, 2, 9), (1, 1, 1), 2)]:
         tile = config.tile_shape(spatial, dil, ndim)
         assert all(t & (t - 1) == 0 for t in tile) and 16 <= math.prod(tile) <= config.TILE_TOKENS
+
+
+
+def _halo_extents(length, k, d, causal, t):
+    """Per tile of ``t`` sub-grid tokens (every group): the union of the queries' windows and of
+    the keys' inverse neighbourhoods, as extents along the sub-grid (from kernels.geometry)."""
+    neighbors, valid, _ = geometry.axis_window(length, k, d, causal)
+    tables = geometry.axis_tables(length, k, d, causal)
+    out = []
+    for g in range(d):
+        tokens = list(range(g, length, d))
+        for a in range(0, len(tokens), t):
+            tile = tokens[a:a + t]
+            keys = {int(j) for i in tile for j, ok in zip(neighbors[i], valid[i]) if ok}
+            queries = {int(tables.inverse_start[j]) + s * d for j in tile for s in range(int(tables.inverse_count[j]))}
+            span = lambda xs: (max(xs) - min(xs)) // d + 1 if xs else 1  # noqa: E731
+            out.append((span(keys), span(queries)))
+    return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_halo_pitches_hold_every_halo(causal):
+    """The compile-time pitches of the halo walks are powers of two at least as long as every halo
+    (key halos of a key tile may exceed ``t + k - 1`` at a border: counted, and exact)."""
+    for length, k, d, t in [(56, 7, 1, 8), (56, 7, 8, 8), (22, 7, 1, 8), (13, 5, 2, 4), (9, 3, 3, 2), (40, 4, 2, 16)]:
+        extents = _halo_extents(length, k, d, causal, t)
+        (p_query,) = config.query_halo_pitch((1, length), (1, d), (1, k), (1, t))
+        (p_key,) = config.key_halo_pitch((1, length), (1, d), (1, k), (1, causal), (1, t))
+        assert max(e for e, _ in extents) <= p_query and p_query & (p_query - 1) == 0
+        assert config.key_halo_extent(length, d, k, causal, t) == max(e for _, e in extents)
+        assert p_key == triton.next_power_of_2(max(e for _, e in extents))
+    # A 7-wide sub-grid (DiNAT's dilated layers) gets pitch 8, not 16: one block of 64 keys, not two.
+    assert config.query_halo_pitch((1, 56, 56), (1, 8, 8), (1, 7, 7), (1, 8, 8)) == (8, 8)
+
+
+@pytest.mark.parametrize("block, case", [
+    # 2-D, pitch 16 with 16-entry blocks (a block holds whole rows): many blocks per program,
+    # RPB read with clamped indices at every border.
+    (16, Problem(1, (12, 11), 2, 8, (5, 7), (1, 1), (False, False), True)),
+    # 2-D, pitch 32 over 16-entry blocks (a row holds whole blocks), dilation, a causal axis (no RPB:
+    # undefined with causal axes).
+    (16, Problem(1, (4, 40), 1, 8, (3, 9), (1, 2), (False, True), False)),
+    # 3-D: both pitches walked, per-axis dilation; 1-D: the axis itself is the walk.
+    (32, Problem(1, (5, 6, 7), 1, 8, (3, 3, 5), (1, 2, 1), (False, False, False), True)),
+    (16, Problem(1, (70,), 2, 8, (9,), (2,), (False,), True)),
+    # Single-block programs: 7-wide sub-grids (pitch 8) walked in one 64-entry block.
+    (64, Problem(1, (21, 14), 1, 8, (7, 7), (3, 2), (False, False), True)),
+])
+def test_pitched_walks_in_small_blocks(block, case, monkeypatch):
+    """The interpreter's one config uses 128-entry blocks; smaller ones reach every walk path."""
+    from kernels.fused import backward, forward
+
+    for kernel, name in ((forward.na_fwd_kernel, "BLOCK_K"), (backward.na_bwd_dq_kernel, "BLOCK_K"),
+                         (backward.na_bwd_dkdv_kernel, "BLOCK_Q")):
+        monkeypatch.setattr(kernel, "configs", [triton.Config({name: block}, num_warps=4, num_stages=1)])
+    _compare(case, torch.float32, seed=6)
 
 
 # ---- GPU: the compiled kernels at DiNAT sizes -------------------------------------------------

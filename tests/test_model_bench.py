@@ -39,7 +39,7 @@ def test_tiny_preset_measures_both_models_reports_oom_and_writes_table_and_plot(
     assert markdown in capsys.readouterr().out  # printed and written alike
     assert f"torch {torch.__version__}" in markdown and f"timm {timm.__version__}" in markdown
     assert "triton " in markdown and any(day in markdown for day in days)
-    assert "NA backend of our models: auto -> reference" in markdown  # CPU: "auto" is the reference
+    assert "NA backend of our models: auto -> tiled" in markdown  # CPU: "auto" is tiled (issue 13; was reference)
 
     rows = {row[0]: row for row in _table_rows(markdown)}
     assert set(rows) == set(model_bench.TINY_MODELS) == {r.name for r in reports}

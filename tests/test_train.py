@@ -91,23 +91,7 @@ def test_experiment_config_composes_checks_and_builds(experiment):
     check_train(cfg)
     assert cfg.name == experiment and cfg.data.num_classes == 1000
     assert cfg.model.name == cfg.model.variant and timm.is_model(cfg.model.name)
-    assert cfg.optim.name == "adamw" and cfg.optim.kwargs.eps == 1e-8
-    if "ft_in1k" in experiment:  # the authors' DiNAT-Large fine-tuning
-        assert (cfg.optim.lr, cfg.sched.epochs, cfg.data.aug.mixup, cfg.data.aug.cutmix) == (5e-5, 30, 0.0, 0.0)
-        assert cfg.optim.weight_decay == (1e-10 if experiment.endswith("384") else 1e-4)
-        assert cfg.data.img_size == (384 if experiment.endswith("384") else 224)
-    else:
-        assert (cfg.optim.lr, cfg.optim.lr_base_batch_size, cfg.batch_size) == (1e-3, 1024, 128)
-        assert (cfg.sched.epochs, cfg.sched.cooldown_epochs, cfg.sched.warmup_lr, cfg.sched.min_lr) == (300, 10, 1e-6, 5e-6)
-        assert cfg.optim.weight_decay == 0.05 and cfg.clip_grad == 5.0 and cfg.label_smoothing == 0.1
-        aug = cfg.data.aug
-        assert (aug.auto_augment, aug.re_prob, aug.re_mode, aug.color_jitter) == ("rand-m9-mstd0.5-inc1", 0.25, "pixel", 0.4)
-        assert (aug.mixup, aug.cutmix, aug.mixup_switch_prob, cfg.data.crop_pct) == (0.8, 1.0, 0.5, 0.875)
-        isotropic_base = experiment.endswith("base_in1k") and ("isotropic" in experiment or "vitrpb" in experiment)
-        assert cfg.ema.enabled == isotropic_base
-        assert cfg.sched.warmup_epochs == (50 if isotropic_base else 20)
-        if isotropic_base:
-            assert cfg.ema.decay == 0.9998
+    # The recipe values themselves are checked against the released ones in tests/test_recipes.py.
     model = timm.create_model(cfg.model.name, num_classes=10, **tiny_kwargs(cfg.model.name))
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 
@@ -290,6 +274,8 @@ def test_bf16_autocast_and_ema_run_on_cpu(image_folder, tmp_path):
                                                   "sched.epochs=1", "sched.warmup_epochs=0")))
     assert np.isfinite(summary["metrics"]["val/loss"]) and "val_ema/top1" in summary["metrics"]
     state = load(tmp_path / "checkpoints" / "last.pt")
+    # As the released train.py: with EMA on, the best checkpoint is chosen by the EMA weights' accuracy.
+    assert summary["best"] == {"top1": summary["metrics"]["val_ema/top1"], "epoch": 1, "weights": "ema"}
     assert state["ema"].keys() == state["model"].keys()
     assert any(not torch.equal(state["ema"][k], state["model"][k]) for k in state["model"])
 

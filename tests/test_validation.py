@@ -86,8 +86,11 @@ def test_unavailable_backend_is_an_error(monkeypatch):
     assert "reference" in kernels.available_backends("cpu")
 
 
-def test_auto_uses_reference_on_cpu():
-    assert backends.resolve("auto", torch.device("cpu")).__name__ == "kernels.reference"
+def test_auto_uses_tiled_on_cpu():
+    # Changed by issue 13: "auto" on CPU was the reference; now the tiled PyTorch backend runs naXd
+    # there, and the reference only the qk/av ops that "tiled" does not provide.
+    assert backends.resolve("auto", torch.device("cpu")).__name__ == "kernels.tiled"
+    assert backends.resolve("auto", torch.device("cpu"), "qk").__name__ == "kernels.reference"
 
 
 def test_auto_passes_over_backends_that_cannot_take_the_problem(monkeypatch):

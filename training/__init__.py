@@ -2,6 +2,7 @@
 
 - data:        datasets/transforms/loaders from timm; the digits demo set
 - model:       timm.create_model with the project's models registered
+- optim:       optimizer parameter groups (decay_rpb) and schedules (timm's, plus constant)
 - loop:        one training epoch, one evaluation pass
 - trainer:     the whole training run (resume, checkpoints, preemption, logging)
 - evaluator:   eval.py's accuracy and throughput measurement

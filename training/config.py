@@ -43,6 +43,12 @@ def check_train(cfg: DictConfig) -> None:
     _require(cfg.optim.lr > 0, "optim.lr", "> 0", cfg.optim.lr)
     _require(cfg.optim.get("lr_base_batch_size") is None or cfg.optim.lr_base_batch_size >= 1,
              "optim.lr_base_batch_size", "null or >= 1", cfg.optim.get("lr_base_batch_size"))
+    if cfg.get("finetune_num_classes") is not None:  # it describes the head of the finetune_from file
+        _require(cfg.get("finetune_from") is not None, "finetune_from",
+                 "the path of the weights to fine-tune (finetune_num_classes is set: this is a fine-tuning "
+                 "recipe)", cfg.get("finetune_from"))
+    _require(isinstance(cfg.optim.get("decay_rpb", False), bool), "optim.decay_rpb", "true or false",
+             cfg.optim.get("decay_rpb"))
     _require(0 <= cfg.label_smoothing < 1, "label_smoothing", "in [0, 1)", cfg.label_smoothing)
     _require(0 < cfg.ema.decay < 1, "ema.decay", "in (0, 1)", cfg.ema.decay)
     aug = cfg.data.aug

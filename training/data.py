@@ -13,11 +13,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 from timm.data import create_dataset, create_transform, resolve_data_config
+from timm.data.random_erasing import RandomErasing
 
 from . import distributed
 from .config import plain_dict
@@ -99,13 +101,24 @@ def model_data_config(model: torch.nn.Module, data_cfg: DictConfig) -> dict:
 
 
 def train_transform(data_config: dict, aug: DictConfig):
+    """Per-image augmentation. Random erasing is not here: it runs on the batch after mixup (see below)."""
     return create_transform(
         input_size=data_config["input_size"], is_training=True,
         scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip, vflip=aug.vflip,
         color_jitter=aug.color_jitter, auto_augment=aug.auto_augment or None,
         interpolation=aug.train_interpolation or data_config["interpolation"],
-        mean=data_config["mean"], std=data_config["std"],
-        re_prob=aug.re_prob, re_mode=aug.re_mode, re_count=aug.re_count)
+        mean=data_config["mean"], std=data_config["std"], re_prob=0.0)
+
+
+def batch_random_erasing(aug: DictConfig, device: torch.device) -> Optional[RandomErasing]:
+    """Random erasing for a normalised batch, applied after mixup/cutmix.
+
+    That is the released order: timm's prefetching loader (on by default in the authors' train.py)
+    mixes in the collate function and erases afterwards, per image, on the GPU batch.
+    """
+    if aug.re_prob <= 0:
+        return None
+    return RandomErasing(probability=aug.re_prob, mode=aug.re_mode, max_count=aug.re_count, device=device)
 
 
 def eval_transform(data_config: dict):

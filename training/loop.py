@@ -27,6 +27,7 @@ class Parts:
     scaler: torch.amp.GradScaler   # enabled for fp16 only
     ema: Optional[torch.nn.Module]  # timm ModelEmaV3 or None
     mixup: Optional[Callable]      # timm Mixup or None
+    random_erasing: Optional[Callable]  # timm RandomErasing on the batch (after mixup) or None
     loss_fn: torch.nn.Module
     device: torch.device
     amp_dtype: Optional[torch.dtype]
@@ -82,6 +83,8 @@ def train_one_epoch(parts: Parts, batches: Iterator, pos: Position, updates_per_
             images, targets = to_device(*next(batches), parts)
             if parts.mixup is not None:
                 images, targets = parts.mixup(images, targets)
+            if parts.random_erasing is not None:  # after mixing, as the released pipeline did
+                images = parts.random_erasing(images)
             last_micro = micro == accum - 1
             # DDP all-reduces gradients only on the last micro-batch of an accumulation group.
             sync = contextlib.nullcontext() if last_micro or not hasattr(parts.model, "no_sync") else parts.model.no_sync()

@@ -4,19 +4,22 @@ Two passes, each recomputing the probabilities from the saved logsumexp:
 
 * ``_na_bwd_dq_kernel`` (query-centric, same tiles and halos as the forward): computes
   ``delta = rowsum(dO * O) - dLSE`` for its tile (stored for the second pass), ``dQ``, and -- with an
-  RPB -- this tile's partial ``dRPB``: the block of ``dS`` is gathered (``tl.gather``) from halo
-  order into relative-position order and summed over the tile's queries. Every (tile, batch, head)
-  writes its own row of partials, which the host sums in a fixed order.
+  RPB -- this tile's partial ``dRPB``: each block of ``dS`` is gathered (``tl.gather``) from walk
+  order into (query, window slot) order and accumulated; after the walk the slots are mapped to
+  relative positions once and summed over the tile's queries. Every (tile, batch, head) writes its
+  own row of partials, which the host sums in a fixed order.
 * ``_na_bwd_dkdv_kernel`` (key-centric): a tile of keys walks the union of its keys' inverse
-  neighbourhoods (a box, see ``_tiles.key_halo``) and accumulates ``dK`` and ``dV`` in registers.
+  neighbourhoods (a box, see ``_tiles.key_tile_axis``) and accumulates ``dK`` and ``dV`` in registers.
 """
 
 import triton
 import triton.language as tl
 
-from ..triton_geometry import window_start
+from ..triton_geometry import subgrid_length
 from . import config
-from ._tiles import halo_block, halo_flat, in_window, mma, key_halo, query_halo, rpb_index, split_program, tile_block
+from ._tiles import (halo_offsets, halo_rows, halo_steps, in_range, key_tile_axis, mma, mma_add, query_tile_axis,
+                     query_window, rpb_load, rpb_steps, split_program, tile_steps, walk_entry, walk_length,
+                     window_logits)
 
 
 @triton.jit
@@ -34,107 +37,108 @@ def _na_bwd_dq_kernel(
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
+    P1: tl.constexpr, P2: tl.constexpr,
     HAS_RPB: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dQ (strides ``sg*``), delta and dRPB partials; ``lse``/``dlse``/``delta`` share strides ``sl*``.
 
-    Program axis 2 picks a chunk of ``BLOCK_R`` relative positions (more than one chunk only for
-    big windows, e.g. 3-D k=5); chunk 0 stores dQ and delta.
+    dRPB: during the walk, ``dS`` is accumulated per (query, window slot) (``BLOCK_S`` slots, a
+    gather of ``BLOCK_S`` columns per block); after it, slots are mapped to relative positions once,
+    ``BLOCK_R`` at a time.
     """
-    BLOCK_Q: tl.constexpr = T0 * T1 * T2
+    FLAT0: tl.constexpr = (T0 == 1) and (K0 == 1)  # halo step 0 throughout: dropped at trace time
+    FLAT1: tl.constexpr = (T1 == 1) and (K1 == 1)
+    R1: tl.constexpr = 2 * K1 - 1
+    R2: tl.constexpr = 2 * K2 - 1
+    R: tl.constexpr = (2 * K0 - 1) * R1 * R2
     tile_id = tl.program_id(0)
     g0, g1, g2, a0, a1, a2 = split_program(tile_id, L0, L1, L2, D0, D1, D2, T0, T1, T2)
     bh = tl.program_id(1)
-    chunk = tl.program_id(2)
     b = (bh // H).to(tl.int64)
     h = bh % H
-    if (a0 * D0 + g0 >= L0) | (a1 * D1 + g1 >= L1) | (a2 * D2 + g2 >= L2):
+    n_sub0 = subgrid_length(g0, L0, D0)
+    n_sub1 = subgrid_length(g1, L1, D1)
+    n_sub2 = subgrid_length(g2, L2, D2)
+    if (a0 >= n_sub0) | (a1 >= n_sub1) | (a2 >= n_sub2):
         return
 
-    i0, i1, i2, q_valid = tile_block(a0, a1, a2, g0, g1, g2, L0, L1, L2, D0, D1, D2, T0, T1, T2)
-    ws0 = window_start(i0, L0, K0, D0, C0)
-    ws1 = window_start(i1, L1, K1, D1, C1)
-    ws2 = window_start(i2, L2, K2, D2, C2)
+    t0, t1, t2 = tile_steps(T0, T1, T2)
+    ip0, hs0, n0, lo0, hi0 = query_tile_axis(a0, t0, n_sub0, K0, C0, T0)
+    ip1, hs1, n1, lo1, hi1 = query_tile_axis(a1, t1, n_sub1, K1, C1, T1)
+    ip2, hs2, n2, lo2, hi2 = query_tile_axis(a2, t2, n_sub2, K2, C2, T2)
+    q_valid = (ip0 < n_sub0) & (ip1 < n_sub1) & (ip2 < n_sub2)
 
     dim = tl.arange(0, BLOCK_D)
     d_valid = dim < head_dim
     qd_mask = q_valid[:, None] & d_valid[None, :]
-    q_off = b * sqb + i0 * sq0 + i1 * sq1 + i2 * sq2 + h * sqh
+    q_off = b * sqb + h * sqh + (ip0 * D0 + g0) * sq0 + (ip1 * D1 + g1) * sq1 + (ip2 * D2 + g2) * sq2
     q = tl.load((q_ptr + q_off)[:, None] + (dim * sqd)[None, :], mask=qd_mask, other=0.0)
-    o_off = b * sob + i0 * so0 + i1 * so1 + i2 * so2 + h * soh
+    o_off = b * sob + h * soh + (ip0 * D0 + g0) * so0 + (ip1 * D1 + g1) * so1 + (ip2 * D2 + g2) * so2
     o = tl.load((o_ptr + o_off)[:, None] + (dim * sod)[None, :], mask=qd_mask, other=0.0)
-    do_off = b * sdob + i0 * sdo0 + i1 * sdo1 + i2 * sdo2 + h * sdoh
+    do_off = (b * sdob + h * sdoh + (ip0 * D0 + g0) * sdo0 + (ip1 * D1 + g1) * sdo1
+              + (ip2 * D2 + g2) * sdo2)
     do = tl.load((do_ptr + do_off)[:, None] + (dim * sdod)[None, :], mask=qd_mask, other=0.0)
-    l_off = b * slb + i0 * sl0 + i1 * sl1 + i2 * sl2 + h * slh
+    l_off = b * slb + h * slh + (ip0 * D0 + g0) * sl0 + (ip1 * D1 + g1) * sl1 + (ip2 * D2 + g2) * sl2
     lse2 = tl.load(lse_ptr + l_off, mask=q_valid, other=0.0) * 1.4426950408889634
     # d(loss)/d(logit) = P * (dP - delta); an incoming dLSE adds P * dLSE, i.e. lowers delta.
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     if HAS_DLSE:
         delta -= tl.load(dlse_ptr + l_off, mask=q_valid, other=0.0)
-    if chunk == 0:
-        tl.store(delta_ptr + l_off, delta, mask=q_valid)
+    tl.store(delta_ptr + l_off, delta, mask=q_valid)
 
-    h0, n0 = query_halo(a0, g0, L0, D0, K0, C0, T0)
-    h1, n1 = query_halo(a1, g1, L1, D1, K1, C1, T1)
-    h2, n2 = query_halo(a2, g2, L2, D2, K2, C2, T2)
-    halo = n0 * n1 * n2
-
-    R1: tl.constexpr = 2 * K1 - 1
-    R2: tl.constexpr = 2 * K2 - 1
-    R: tl.constexpr = (2 * K0 - 1) * R1 * R2
+    k_row = k_ptr + b * skb + h * skh + (hs0 * D0 + g0) * sk0 + (hs1 * D1 + g1) * sk1 + (hs2 * D2 + g2) * sk2
+    v_row = v_ptr + b * svb + h * svh + (hs0 * D0 + g0) * sv0 + (hs1 * D1 + g1) * sv1 + (hs2 * D2 + g2) * sv2
     rpb_row = rpb_ptr + h * R
+    rpb_q = rpb_steps(hs0 - ip0 + K0 - 1, hs1 - ip1 + K1 - 1, hs2 - ip2 + K2 - 1, K1, K2)
     if HAS_RPB:
-        # For query q and relative position r: the key at that offset, its flat halo index, and
-        # whether it is in q's window (each (q, r) then lives in exactly one halo block).
-        r = chunk * BLOCK_R + tl.arange(0, BLOCK_R)
-        jr0 = i0[:, None] + ((r // (R1 * R2))[None, :] - (K0 - 1)) * D0
-        jr1 = i1[:, None] + (((r // R2) % R1)[None, :] - (K1 - 1)) * D1
-        jr2 = i2[:, None] + ((r % R2)[None, :] - (K2 - 1)) * D2
-        r_valid = (in_window(i0[:, None], ws0[:, None], jr0, D0, K0, C0)
-                   & in_window(i1[:, None], ws1[:, None], jr1, D1, K1, C1)
-                   & in_window(i2[:, None], ws2[:, None], jr2, D2, K2, C2)
-                   & q_valid[:, None] & (r < R)[None, :])
-        r_flat = halo_flat((jr0 - h0) // D0, (jr1 - h1) // D1, (jr2 - h2) // D2, n1, n2)
-        drpb = tl.zeros([BLOCK_R], tl.float32)
+        # Window slot s of query q is walk entry walk_entry(lo(q)) + walk_entry(s's steps): the
+        # gather of dS per (query, slot) is one add per element.
+        slots = tl.arange(0, BLOCK_S)
+        slot_entry = walk_entry(slots // (K1 * K2), (slots // K2) % K1, slots % K2, FLAT0, FLAT1, P1, P2)
+        query_entry = walk_entry(lo0, lo1, lo2, FLAT0, FLAT1, P1, P2)
+        ds_slots = tl.zeros([T0 * T1 * T2, BLOCK_S], tl.float32)
 
-    rpb_q = rpb_index(i0, i1, i2, h0, h1, h2, D0, D1, D2, K0, K1, K2)  # + halo step of the key
-    qk_scale = scale * 1.4426950408889634
-    dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
-    for start in range(0, halo, BLOCK_K):
-        k_valid, u0, u1, u2, j0, j1, j2 = halo_block(start, BLOCK_K, halo, h0, h1, h2, n1, n2, D0, D1, D2)
-        kv_mask = k_valid[:, None] & d_valid[None, :]
-        k_off = b * skb + j0 * sk0 + j1 * sk1 + j2 * sk2 + h * skh
-        k = tl.load((k_ptr + k_off)[:, None] + (dim * skd)[None, :], mask=kv_mask, other=0.0)
-        v_off = b * svb + j0 * sv0 + j1 * sv1 + j2 * sv2 + h * svh
-        v = tl.load((v_ptr + v_off)[:, None] + (dim * svd)[None, :], mask=kv_mask, other=0.0)
-
-        mask = (in_window(i0[:, None], ws0[:, None], j0[None, :], D0, K0, C0)
-                & in_window(i1[:, None], ws1[:, None], j1[None, :], D1, K1, C1)
-                & in_window(i2[:, None], ws2[:, None], j2[None, :], D2, K2, C2)
-                & k_valid[None, :] & q_valid[:, None])
-        s = mma(q, tl.trans(k), IEEE) * qk_scale
-        if HAS_RPB:
-            ri = rpb_q[:, None] + halo_flat(u0, u1, u2, R1, R2)[None, :]
-            s += tl.load(rpb_row + ri, mask=mask, other=0.0).to(tl.float32) * 1.4426950408889634
-        p = tl.where(mask, tl.exp2(s - lse2[:, None]), 0.0)
+    qk_scale = scale * 1.4426950408889634  # base-2 softmax
+    inv_scale = 1.0 / scale
+    dq = tl.zeros([T0 * T1 * T2, BLOCK_D], tl.float32)
+    for start in range(0, walk_length(n0, n1, n2, P1, P2), BLOCK_K):
+        u0, u1, u2 = halo_steps(start, BLOCK_K, FLAT0, FLAT1, P1, P2)
+        k = halo_rows(k_row, u0, u1, u2, n0, n1, n2, D0, D1, D2, sk0, sk1, sk2, skd, dim, d_valid, FLAT0, FLAT1)
+        v = halo_rows(v_row, u0, u1, u2, n0, n1, n2, D0, D1, D2, sv0, sv1, sv2, svd, dim, d_valid, FLAT0, FLAT1)
+        s, mask = window_logits(q, k, u0, u1, u2, lo0, lo1, lo2, hi0, hi1, hi2, rpb_row, rpb_q, inv_scale,
+                                K1, K2, R, FLAT0, FLAT1, HAS_RPB, IEEE)
+        p = tl.where(mask, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
         dp = mma(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
         dq += mma(ds.to(k.dtype), k, IEEE)
         if HAS_RPB:
-            local = r_flat - start
-            here = r_valid & (local >= 0) & (local < BLOCK_K)
-            picked = tl.gather(ds, tl.minimum(tl.maximum(local, 0), BLOCK_K - 1), 1)
-            drpb += tl.sum(tl.where(here, picked, 0.0), 0)
+            # Each (query, slot) lies in exactly one block of the walk.
+            local = query_entry[:, None] + (slot_entry - start)[None, :]
+            picked = tl.gather(ds, tl.minimum(local.to(tl.uint32, bitcast=True), BLOCK_K - 1).to(tl.int32), 1)
+            ds_slots += tl.where((local >= 0) & (local < BLOCK_K), picked, 0.0)
 
-    if chunk == 0:
-        dq_off = b * sgb + i0 * sg0 + i1 * sg1 + i2 * sg2 + h * sgh
-        tl.store((dq_ptr + dq_off)[:, None] + (dim * sgd)[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
-                 mask=qd_mask)
+    dq_off = b * sgb + h * sgh + (ip0 * D0 + g0) * sg0 + (ip1 * D1 + g1) * sg1 + (ip2 * D2 + g2) * sg2
+    tl.store((dq_ptr + dq_off)[:, None] + (dim * sgd)[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
+             mask=qd_mask)
     if HAS_RPB:
-        n_chunks = tl.num_programs(2)
-        row = (tile_id.to(tl.int64) * tl.num_programs(1) + bh) * n_chunks + chunk
-        tl.store(drpb_ptr + row * BLOCK_R + tl.arange(0, BLOCK_R), drpb)
+        # Slot s of query q holds relative position r = s + e(q) per axis (e: the window's offset
+        # from the query, shifted at the borders); sum over the tile's queries per r.
+        e0 = lo0 + hs0 - ip0 + K0 - 1
+        e1 = lo1 + hs1 - ip1 + K1 - 1
+        e2 = lo2 + hs2 - ip2 + K2 - 1
+        CHUNKS: tl.constexpr = (R + BLOCK_R - 1) // BLOCK_R
+        row = (tile_id.to(tl.int64) * tl.num_programs(1) + bh) * (CHUNKS * BLOCK_R)
+        for chunk in tl.static_range(0, CHUNKS):
+            rel = chunk * BLOCK_R + tl.arange(0, BLOCK_R)
+            s0 = (rel // (R1 * R2))[None, :] - e0[:, None]
+            s1 = ((rel // R2) % R1)[None, :] - e1[:, None]
+            s2 = (rel % R2)[None, :] - e2[:, None]
+            held = ((s0 >= 0) & (s0 < K0) & (s1 >= 0) & (s1 < K1) & (s2 >= 0) & (s2 < K2)
+                    & q_valid[:, None] & (rel < R)[None, :])
+            slot = tl.where(held, (s0 * K1 + s1) * K2 + s2, 0)
+            drpb = tl.sum(tl.where(held, tl.gather(ds_slots, slot, 1), 0.0), 0)
+            tl.store(drpb_ptr + row + rel, drpb)
 
 
 @triton.jit
@@ -151,69 +155,84 @@ def _na_bwd_dkdv_kernel(
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
+    P1: tl.constexpr, P2: tl.constexpr,
     HAS_RPB: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_Q: tl.constexpr,
 ):
     """dK, dV for a tile of keys (``sg*``: strides of the contiguous dk/dv)."""
-    BLOCK_KT: tl.constexpr = T0 * T1 * T2
+    FLAT0: tl.constexpr = (T0 == 1) and (K0 == 1)  # halo step 0 throughout: dropped at trace time
+    FLAT1: tl.constexpr = (T1 == 1) and (K1 == 1)
+    R: tl.constexpr = (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
     g0, g1, g2, a0, a1, a2 = split_program(tl.program_id(0), L0, L1, L2, D0, D1, D2, T0, T1, T2)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
-    if (a0 * D0 + g0 >= L0) | (a1 * D1 + g1 >= L1) | (a2 * D2 + g2 >= L2):
+    n_sub0 = subgrid_length(g0, L0, D0)
+    n_sub1 = subgrid_length(g1, L1, D1)
+    n_sub2 = subgrid_length(g2, L2, D2)
+    if (a0 >= n_sub0) | (a1 >= n_sub1) | (a2 >= n_sub2):
         return
 
-    j0, j1, j2, k_valid = tile_block(a0, a1, a2, g0, g1, g2, L0, L1, L2, D0, D1, D2, T0, T1, T2)
+    # Keys (sub-grid coordinates), the query halo box (first query, extent) and each key's step
+    # in it, per axis.
+    t0, t1, t2 = tile_steps(T0, T1, T2)
+    jp0, qs0, n0, v0 = key_tile_axis(a0, t0, n_sub0, K0, C0, T0)
+    jp1, qs1, n1, v1 = key_tile_axis(a1, t1, n_sub1, K1, C1, T1)
+    jp2, qs2, n2, v2 = key_tile_axis(a2, t2, n_sub2, K2, C2, T2)
+    k_valid = (jp0 < n_sub0) & (jp1 < n_sub1) & (jp2 < n_sub2)
 
     dim = tl.arange(0, BLOCK_D)
     d_valid = dim < head_dim
     kd_mask = k_valid[:, None] & d_valid[None, :]
-    k_off = b * skb + j0 * sk0 + j1 * sk1 + j2 * sk2 + h * skh
+    k_off = b * skb + h * skh + (jp0 * D0 + g0) * sk0 + (jp1 * D1 + g1) * sk1 + (jp2 * D2 + g2) * sk2
     k = tl.load((k_ptr + k_off)[:, None] + (dim * skd)[None, :], mask=kd_mask, other=0.0)
-    v_off = b * svb + j0 * sv0 + j1 * sv1 + j2 * sv2 + h * svh
+    v_off = b * svb + h * svh + (jp0 * D0 + g0) * sv0 + (jp1 * D1 + g1) * sv1 + (jp2 * D2 + g2) * sv2
     v = tl.load((v_ptr + v_off)[:, None] + (dim * svd)[None, :], mask=kd_mask, other=0.0)
 
-    h0, n0 = key_halo(a0, g0, L0, D0, K0, C0, T0)
-    h1, n1 = key_halo(a1, g1, L1, D1, K1, C1, T1)
-    h2, n2 = key_halo(a2, g2, L2, D2, K2, C2, T2)
-    halo = n0 * n1 * n2
+    # Q, dO, LSE, delta of the halo: first token, then a stride per halo step along each axis.
+    q_row = q_ptr + b * sqb + h * sqh + (qs0 * D0 + g0) * sq0 + (qs1 * D1 + g1) * sq1 + (qs2 * D2 + g2) * sq2
+    do_row = (do_ptr + b * sdob + h * sdoh + (qs0 * D0 + g0) * sdo0 + (qs1 * D1 + g1) * sdo1
+              + (qs2 * D2 + g2) * sdo2)
+    l_row = b * slb + h * slh + (qs0 * D0 + g0) * sl0 + (qs1 * D1 + g1) * sl1 + (qs2 * D2 + g2) * sl2
+    # RPB entry of (halo query u, key) = entry of (halo start, key) - rpb_steps(u).
+    rpb_row = rpb_ptr + h * R
+    rpb_k = rpb_steps(v0 + K0 - 1, v1 + K1 - 1, v2 + K2 - 1, K1, K2)
 
-    rpb_row = rpb_ptr + h * ((2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1))
-    # rpb_offset(i, j) = rpb_offset(halo start, j) - (halo step of query i).
-    rpb_k = rpb_index(h0, h1, h2, j0, j1, j2, D0, D1, D2, K0, K1, K2)
-    qk_scale = scale * 1.4426950408889634
-    dk = tl.zeros([BLOCK_KT, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_KT, BLOCK_D], tl.float32)
-    for start in range(0, halo, BLOCK_Q):
-        q_valid, u0, u1, u2, i0, i1, i2 = halo_block(start, BLOCK_Q, halo, h0, h1, h2, n1, n2, D0, D1, D2)
-        qd_mask = q_valid[:, None] & d_valid[None, :]
-        q_off = b * sqb + i0 * sq0 + i1 * sq1 + i2 * sq2 + h * sqh
-        q = tl.load((q_ptr + q_off)[:, None] + (dim * sqd)[None, :], mask=qd_mask, other=0.0)
-        do_off = b * sdob + i0 * sdo0 + i1 * sdo1 + i2 * sdo2 + h * sdoh
-        do = tl.load((do_ptr + do_off)[:, None] + (dim * sdod)[None, :], mask=qd_mask, other=0.0)
-        l_off = b * slb + i0 * sl0 + i1 * sl1 + i2 * sl2 + h * slh
-        lse2 = tl.load(lse_ptr + l_off, mask=q_valid, other=0.0) * 1.4426950408889634
-        delta = tl.load(delta_ptr + l_off, mask=q_valid, other=0.0)
-        ws0 = window_start(i0, L0, K0, D0, C0)
-        ws1 = window_start(i1, L1, K1, D1, C1)
-        ws2 = window_start(i2, L2, K2, D2, C2)
+    qk_scale = scale * 1.4426950408889634  # base-2 softmax
+    inv_scale = 1.0 / scale
+    dk = tl.zeros([T0 * T1 * T2, BLOCK_D], tl.float32)
+    dv = tl.zeros([T0 * T1 * T2, BLOCK_D], tl.float32)
+    for start in range(0, walk_length(n0, n1, n2, P1, P2), BLOCK_Q):
+        u0, u1, u2 = halo_steps(start, BLOCK_Q, FLAT0, FLAT1, P1, P2)
+        q = halo_rows(q_row, u0, u1, u2, n0, n1, n2, D0, D1, D2, sq0, sq1, sq2, sqd, dim, d_valid, FLAT0, FLAT1)
+        do = halo_rows(do_row, u0, u1, u2, n0, n1, n2, D0, D1, D2, sdo0, sdo1, sdo2, sdod, dim, d_valid,
+                       FLAT0, FLAT1)
+        l_off = l_row + halo_offsets(u0, u1, u2, n0, n1, n2, D0 * sl0, D1 * sl1, D2 * sl2, FLAT0, FLAT1)
+        lse2 = tl.load(lse_ptr + l_off) * 1.4426950408889634
+        delta = tl.load(delta_ptr + l_off)
 
+        # Each walked query's window in halo steps; a query past the sub-grid gets none (a query
+        # past the halo box holds no key of the tile, so its window misses them by itself).
+        lo0, hi0 = query_window(qs0 + u0, qs0, n_sub0, K0, C0)
+        lo1, hi1 = query_window(qs1 + u1, qs1, n_sub1, K1, C1)
+        lo2, hi2 = query_window(qs2 + u2, qs2, n_sub2, K2, C2)
+        hi2 = tl.where((qs0 + u0 < n_sub0) & (qs1 + u1 < n_sub1) & (qs2 + u2 < n_sub2), hi2, -1)
         # Transposed problem: rows are this tile's keys, columns the halo block's queries.
-        mask = (in_window(i0[None, :], ws0[None, :], j0[:, None], D0, K0, C0)
-                & in_window(i1[None, :], ws1[None, :], j1[:, None], D1, K1, C1)
-                & in_window(i2[None, :], ws2[None, :], j2[:, None], D2, K2, C2)
-                & q_valid[None, :] & k_valid[:, None])
-        st = mma(k, tl.trans(q), IEEE) * qk_scale
+        mask = (in_range(lo0[None, :], v0[:, None], hi0[None, :], FLAT0)
+                & in_range(lo1[None, :], v1[:, None], hi1[None, :], FLAT1)
+                & in_range(lo2[None, :], v2[:, None], hi2[None, :], False))
         if HAS_RPB:
-            ri = rpb_k[:, None] - halo_flat(u0, u1, u2, 2 * K1 - 1, 2 * K2 - 1)[None, :]
-            st += tl.load(rpb_row + ri, mask=mask, other=0.0).to(tl.float32) * 1.4426950408889634
-        pt = tl.where(mask, tl.exp2(st - lse2[None, :]), 0.0)
+            r = rpb_k[:, None] - rpb_steps(u0, u1, u2, K1, K2)[None, :]
+            st = mma_add(k, tl.trans(q), rpb_load(rpb_row, r, R) * inv_scale, IEEE)
+        else:
+            st = mma(k, tl.trans(q), IEEE)
+        pt = tl.where(mask, tl.exp2(st * qk_scale - lse2[None, :]), 0.0)
         dv += mma(pt.to(do.dtype), do, IEEE)
         dpt = mma(v, tl.trans(do), IEEE)
         dst = pt * (dpt - delta[None, :])
         dk += mma(dst.to(q.dtype), q, IEEE)
 
-    g_off = b * sgb + j0 * sg0 + j1 * sg1 + j2 * sg2 + h * sgh
+    g_off = b * sgb + h * sgh + (jp0 * D0 + g0) * sg0 + (jp1 * D1 + g1) * sg1 + (jp2 * D2 + g2) * sg2
     tl.store((dk_ptr + g_off)[:, None] + (dim * sgd)[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=kd_mask)
     tl.store((dv_ptr + g_off)[:, None] + (dim * sgd)[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kd_mask)
 

@@ -28,9 +28,11 @@ def _configs(block_name: str) -> list[triton.Config]:
     if interpreted():
         # The interpreter runs every config it is given: exactly one.
         return [triton.Config({block_name: 128}, num_warps=4, num_stages=1)]
+    # 128-entry blocks take 8 warps: with 4, the dQ kernel spills on Triton 3.6 even at head_dim 32
+    # (1.1 KB of stack per thread; docs/kernel_audit.md).
     return [
         triton.Config({block_name: block}, num_warps=warps, num_stages=stages)
-        for block, warps, stages in ((32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 2))
+        for block, warps, stages in ((32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 8, 2))
     ]
 
 
@@ -82,6 +84,46 @@ def tile_shape(spatial3: tuple[int, int, int], dilation3: tuple[int, int, int], 
     while math.prod(tile) < MIN_DOT:
         tile[2] *= 2
     return tuple(tile)
+
+
+def query_halo_pitch(spatial3, dilation3, kernel3, tile) -> tuple[int, int]:
+    """Compile-time pitch ``(P1, P2)`` of the walk over a query tile's key halo (``_tiles.halo_steps``).
+
+    Along an axis the halo of ``T`` queries holds at most ``T + K - 1`` keys (window starts step by
+    0 or 1) and never more than the sub-grid; a 7-wide sub-grid therefore gets pitch 8, not 16.
+    """
+    return tuple(triton.next_power_of_2(min(t + k - 1, math.ceil(n / d)))
+                 for n, d, k, t in zip(spatial3[1:], dilation3[1:], kernel3[1:], tile[1:]))
+
+
+def _inverse_run(jp: int, length_g: int, k: int, causal: bool) -> tuple[int, int]:
+    """First and last sub-grid query whose window holds sub-grid key ``jp`` (the rule of
+    ``triton_geometry.subgrid_inverse_first/last``; ``tests/test_fused.py`` checks it against
+    ``geometry.axis_tables``)."""
+    if causal:
+        return jp, min(jp + k - 1, length_g - 1)
+    first = 0 if jp - (k - 1) <= 0 else jp - (k - 1) + k // 2
+    last = length_g - 1 if jp >= length_g - k else jp + k // 2
+    return first, last
+
+
+def key_halo_extent(length: int, dilation: int, k: int, causal: bool, t: int) -> int:
+    """Most queries along one axis in the union of a key tile's inverse neighbourhoods, over every
+    tile of ``t`` keys and every dilation group. Near a border it can exceed ``t + k - 1`` (the
+    windows there are shifted inward), so it is counted rather than bounded."""
+    most = 1
+    for length_g in {length // dilation, math.ceil(length / dilation)} - {0}:
+        for a in range(0, length_g, t):
+            first, _ = _inverse_run(a, length_g, k, causal)
+            _, last = _inverse_run(min(a + t, length_g) - 1, length_g, k, causal)
+            most = max(most, last - first + 1)
+    return most
+
+
+def key_halo_pitch(spatial3, dilation3, kernel3, causal3, tile) -> tuple[int, int]:
+    """Compile-time pitch ``(P1, P2)`` of the walk over a key tile's query halo."""
+    return tuple(triton.next_power_of_2(key_halo_extent(n, d, k, c, t))
+                 for n, d, k, c, t in zip(spatial3[1:], dilation3[1:], kernel3[1:], causal3[1:], tile[1:]))
 
 
 def num_tiles(spatial3, dilation3, tile) -> int:

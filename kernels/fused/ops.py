@@ -27,7 +27,7 @@ from . import config
 from .backward import na_bwd_dkdv_kernel, na_bwd_dq_kernel
 from .forward import na_fwd_kernel
 
-# Relative positions handled per dQ program; bigger windows get more programs (grid axis 2).
+# Relative positions a dQ program maps its window slots to at a time (bigger windows: several rounds).
 MAX_BLOCK_R = 256
 
 
@@ -48,6 +48,8 @@ class _Problem:
         self.num_tiles = config.num_tiles(self.spatial, self.dilation, self.tile)
         self.ieee = query.dtype == torch.float32
         self.num_rel = math.prod(2 * k - 1 for k in self.kernel)
+        self.query_pitch = config.query_halo_pitch(self.spatial, self.dilation, self.kernel, self.tile)
+        self.key_pitch = config.key_halo_pitch(self.spatial, self.dilation, self.kernel, self.causal, self.tile)
 
     def strides(self, x: torch.Tensor) -> tuple[int, ...]:
         """(batch, axis0, axis1, axis2, [heads, dim]) strides of a heads-last tensor, 0 on padding."""
@@ -57,11 +59,11 @@ class _Problem:
     def shape_args(self, scale: float) -> tuple:
         return (*self.spatial, *self.dilation, self.heads, self.head_dim, scale)
 
-    def meta(self, has_rpb: bool) -> dict:
+    def meta(self, has_rpb: bool, pitch: tuple[int, int]) -> dict:
         k0, k1, k2 = self.kernel
         c0, c1, c2 = self.causal
         t0, t1, t2 = self.tile
-        return dict(K0=k0, K1=k1, K2=k2, C0=c0, C1=c1, C2=c2, T0=t0, T1=t1, T2=t2,
+        return dict(K0=k0, K1=k1, K2=k2, C0=c0, C1=c1, C2=c2, T0=t0, T1=t1, T2=t2, P1=pitch[0], P2=pitch[1],
                     HAS_RPB=has_rpb, BLOCK_D=self.block_d, IEEE=self.ieee)
 
 
@@ -114,7 +116,7 @@ def na_fused_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rp
     launch(na_fwd_kernel, (p.num_tiles, p.batch * p.heads), (
         query, key, value, rpb_arg, out, lse,
         *p.strides(query), *p.strides(key), *p.strides(value), *p.strides(out), *p.strides(lse),
-        *p.shape_args(scale)), p.meta(has_rpb))
+        *p.shape_args(scale)), p.meta(has_rpb, p.query_pitch))
     return out, lse
 
 
@@ -134,22 +136,23 @@ def na_fused_bwd(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], query
     dk = torch.empty(query.shape, dtype=key.dtype, device=query.device)
     dv = torch.empty(query.shape, dtype=value.dtype, device=query.device)
     block_r = min(triton.next_power_of_2(p.num_rel), MAX_BLOCK_R)
-    chunks = triton.cdiv(p.num_rel, block_r) if has_rpb else 1
+    chunks = triton.cdiv(p.num_rel, block_r)
     partial = torch.zeros((p.num_tiles, p.batch, p.heads, chunks * block_r) if has_rpb else (1,),
                           dtype=torch.float32, device=query.device)
     rpb_arg = rpb.contiguous() if has_rpb else lse
     has_dlse = grad_lse is not None
     dlse_arg = grad_lse.contiguous() if has_dlse else lse
-    launch(na_bwd_dq_kernel, (p.num_tiles, p.batch * p.heads, chunks), (
+    launch(na_bwd_dq_kernel, (p.num_tiles, p.batch * p.heads), (
         query, key, value, rpb_arg, out, grad_out, lse, dlse_arg, dq, delta, partial,
         *p.strides(query), *p.strides(key), *p.strides(value), *p.strides(out), *p.strides(grad_out),
         *p.strides(dq), *p.strides(lse),
-        *p.shape_args(scale)), dict(HAS_DLSE=has_dlse, BLOCK_R=block_r, **p.meta(has_rpb)))
+        *p.shape_args(scale)), dict(HAS_DLSE=has_dlse, BLOCK_S=triton.next_power_of_2(math.prod(p.kernel)),
+                                    BLOCK_R=block_r, **p.meta(has_rpb, p.query_pitch)))
     launch(na_bwd_dkdv_kernel, (p.num_tiles, p.batch * p.heads), (
         query, key, value, rpb_arg, grad_out, lse, delta, dk, dv,
         *p.strides(query), *p.strides(key), *p.strides(value), *p.strides(dk), *p.strides(grad_out),
         *p.strides(lse),
-        *p.shape_args(scale)), p.meta(has_rpb))
+        *p.shape_args(scale)), p.meta(has_rpb, p.key_pitch))
     if has_rpb:
         # Fixed-order sum over (tile, batch): deterministic, unlike atomics.
         drpb = partial.sum(dim=(0, 1))[:, : p.num_rel].reshape(rpb.shape).to(rpb.dtype).contiguous()
