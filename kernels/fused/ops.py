@@ -155,7 +155,7 @@ def na_fused_bwd(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], query
     p = _Problem(query, kernel_size, dilation, is_causal)
     has_rpb = rpb is not None
     lse = lse.contiguous()
-    delta = torch.empty_like(lse)
+    stats = torch.empty((*lse.shape, 2), dtype=torch.float32, device=query.device)  # (lse * log2 e, delta)
     dq = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     dk = torch.empty(query.shape, dtype=key.dtype, device=query.device)
     dv = torch.empty(query.shape, dtype=value.dtype, device=query.device)
@@ -166,12 +166,12 @@ def na_fused_bwd(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], query
     has_dlse = grad_lse is not None
     dlse_arg = grad_lse.contiguous() if has_dlse else lse
     launch(na_bwd_dq_kernel, (p.num_tiles, p.batch * p.heads), (
-        query, key, value, rpb_arg, out, grad_out, lse, dlse_arg, dq, delta, partial,
+        query, key, value, rpb_arg, out, grad_out, lse, dlse_arg, dq, stats, partial,
         *p.strides(query), *p.strides(key), *p.strides(value), *p.strides(out), *p.strides(grad_out),
         *p.strides(dq), *p.strides(lse),
         *p.shape_args(scale)), dict(HAS_DLSE=has_dlse, **drpb_layout.meta, **p.meta(has_rpb, p.query_pitch)))
     launch(na_bwd_dkdv_kernel, (p.num_tiles, p.batch * p.heads), (
-        query, key, value, rpb_arg, grad_out, lse, delta, dk, dv,
+        query, key, value, rpb_arg, grad_out, stats, dk, dv,
         *p.strides(query), *p.strides(key), *p.strides(value), *p.strides(dk), *p.strides(grad_out),
         *p.strides(lse),
         *p.shape_args(scale)), p.meta(has_rpb, p.key_pitch))
