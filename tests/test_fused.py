@@ -99,6 +99,27 @@ def test_multi_tile_problems(case):
     _compare(case, torch.float32, seed=5)
 
 
+def _drpb_layout(spatial, kernel_size, dilation):
+    query = torch.empty(1, *spatial, 1, 8)
+    return ops._DrpbLayout(ops._Problem(query, kernel_size, dilation, (False,) * len(spatial)))
+
+
+def test_drpb_layouts():
+    """The dQ kernel maps (query, window slot) sums to dRPB bins in two ways: 2-D tiles whose regrouped
+    slots fill tl.dot operands by two one-hot products (pitched slots, >= 16 bins per axis; with an RPB
+    every 2-D tile does, its window being >= 3 wide), the rest (1-D, 3-D) by a gather of compact
+    slots. test_multi_tile_problems runs each of these layouts."""
+    dinat = _drpb_layout((24, 20), (7, 7), (1, 1))
+    assert dinat.meta == dict(BLOCK_S=64, SLOT1=8, SLOT2=8, BLOCK_R1=16, BLOCK_R2=16, DRPB_BY_AXES=True)
+    small_window = _drpb_layout((19, 21), (5, 3), (2, 3))  # 5 bins along axis 2, padded to 16
+    assert small_window.meta["DRPB_BY_AXES"] and small_window.meta["BLOCK_R2"] == 16
+    assert small_window.bins(torch.arange(small_window.row)).shape == (1, 9, 5)
+    for spatial, kernel_size, dilation in [((150,), (9,), (3,)), ((6, 5, 7), (3, 3, 3), (2, 1, 2))]:
+        gathered = _drpb_layout(spatial, kernel_size, dilation)
+        assert not gathered.meta["DRPB_BY_AXES"], spatial
+        assert gathered.meta["SLOT2"] == kernel_size[-1], spatial
+
+
 def test_backward_is_deterministic():
     p = Problem(2, (10, 11), 2, 16, (3, 5), (2, 1), (False, False), True)
     inputs = p.tensors(torch.float32, device=DEVICE, seed=7, requires_grad=True)

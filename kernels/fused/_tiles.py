@@ -26,20 +26,46 @@ def split_program(pid, L0, L1, L2, D0, D1, D2, T0: tl.constexpr, T1: tl.constexp
     """Program id -> (dilation group per axis, tile start per axis in sub-grid coordinates).
 
     Tiles are counted on the largest sub-grid (group 0); smaller groups get trailing empty tiles.
+    Everything here is non-negative: unsigned, a division by a runtime value costs about half the
+    instructions of a signed one.
     """
-    nt0 = tl.cdiv(tl.cdiv(L0, D0), T0)
-    nt1 = tl.cdiv(tl.cdiv(L1, D1), T1)
-    nt2 = tl.cdiv(tl.cdiv(L2, D2), T2)
+    nt0 = tl.cdiv(group_length(0, L0, D0), T0)
+    nt1 = tl.cdiv(group_length(0, L1, D1), T1)
+    nt2 = tl.cdiv(group_length(0, L2, D2), T2)
     tiles = nt0 * nt1 * nt2
-    tile = pid % tiles
-    group = pid // tiles
-    g2 = group % D2
-    g1 = (group // D2) % D1
-    g0 = group // (D1 * D2)
+    upid = tl.cast(pid, tl.uint32)
+    tile = upid % tiles
+    group = upid // tiles
+    d2 = tl.cast(D2, tl.uint32)
+    d1 = tl.cast(D1, tl.uint32)
+    g2 = group % d2
+    g1 = (group // d2) % d1
+    g0 = group // (d1 * d2)
     a2 = (tile % nt2) * T2
     a1 = ((tile // nt2) % nt1) * T1
     a0 = (tile // (nt1 * nt2)) * T0
-    return g0, g1, g2, a0, a1, a2
+    return (signed(g0), signed(g1), signed(g2), signed(a0), signed(a1), signed(a2))
+
+
+@triton.jit
+def group_length(g, length, dilation):
+    """Tokens of dilation group ``g`` (``0 <= g < dilation``) along an axis of ``length`` tokens, unsigned
+    (``triton_geometry.subgrid_length`` for any token, without its modulo)."""
+    d = tl.cast(dilation, tl.uint32)
+    return (tl.cast(length, tl.uint32) + d - 1 - tl.cast(g, tl.uint32)) // d
+
+
+@triton.jit
+def batch_head(bh, H):
+    """Program id along the ``batch * heads`` grid axis -> (batch as int64, head)."""
+    ubh = tl.cast(bh, tl.uint32)
+    uh = tl.cast(H, tl.uint32)
+    return (ubh // uh).to(tl.int64), signed(ubh % uh)
+
+
+@triton.jit
+def signed(x):
+    return x.to(tl.int32, bitcast=True)
 
 
 @triton.jit

@@ -3,11 +3,12 @@
 Two passes, each recomputing the probabilities from the saved logsumexp:
 
 * ``_na_bwd_dq_kernel`` (query-centric, same tiles and halos as the forward): computes
-  ``delta = rowsum(dO * O) - dLSE`` for its tile (stored for the second pass), ``dQ``, and -- with an
-  RPB -- this tile's partial ``dRPB``: each block of ``dS`` is gathered (``tl.gather``) from walk
-  order into (query, window slot) order and accumulated; after the walk the slots are mapped to
-  relative positions once and summed over the tile's queries. Every (tile, batch, head) writes its
-  own row of partials, which the host sums in a fixed order.
+  ``delta = rowsum(dO * O) - dLSE`` for its tile (stored with ``lse * log2(e)`` as one 8-byte pair
+  per query for the second pass, which gathers both per halo query), ``dQ``, and -- with an RPB --
+  this tile's partial ``dRPB``: each block of ``dS`` is gathered (``tl.gather``) from walk order into
+  (query, window slot) order and accumulated; after the walk the slots are mapped to relative
+  positions once and summed over the tile's queries (2-D: two one-hot products on tensor cores).
+  Every (tile, batch, head) writes its own row of partials, which the host sums in a fixed order.
 * ``_na_bwd_dkdv_kernel`` (key-centric): a tile of keys walks the union of its keys' inverse
   neighbourhoods (a box, see ``_tiles.key_tile_axis``) and accumulates ``dK`` and ``dV`` in registers.
 """
@@ -15,17 +16,17 @@ Two passes, each recomputing the probabilities from the saved logsumexp:
 import triton
 import triton.language as tl
 
-from ..triton_geometry import subgrid_length
+from ..triton_geometry import subgrid_window_start
 from . import config
-from ._tiles import (halo_offsets, halo_rows, halo_steps, in_range, key_tile_axis, mma, mma_add, query_tile_axis,
-                     query_window, rpb_load, rpb_steps, split_program, tile_steps, walk_entry, walk_length,
-                     window_logits)
+from ._tiles import (batch_head, group_length, halo_offsets, halo_rows, halo_steps, in_range, key_tile_axis, mma,
+                     mma_add, query_tile_axis, query_window, rpb_load, rpb_steps, signed, split_program, tile_steps,
+                     walk_entry, walk_length, window_logits)
 
 
 @triton.jit
 def _na_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, rpb_ptr, o_ptr, do_ptr, lse_ptr, dlse_ptr,
-    dq_ptr, delta_ptr, drpb_ptr,
+    dq_ptr, stats_ptr, drpb_ptr,
     sqb, sq0, sq1, sq2, sqh, sqd,
     skb, sk0, sk1, sk2, skh, skd,
     svb, sv0, sv1, sv2, svh, svd,
@@ -39,13 +40,17 @@ def _na_bwd_dq_kernel(
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
     P1: tl.constexpr, P2: tl.constexpr,
     HAS_RPB: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_S: tl.constexpr, SLOT1: tl.constexpr, SLOT2: tl.constexpr,
+    BLOCK_R1: tl.constexpr, BLOCK_R2: tl.constexpr, DRPB_BY_AXES: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dQ (strides ``sg*``), delta and dRPB partials; ``lse``/``dlse``/``delta`` share strides ``sl*``.
+    """dQ (strides ``sg*``), stats and dRPB partials; ``lse``/``dlse`` share strides ``sl*`` (contiguous:
+    ``stats`` holds each query's ``(lse * log2(e), delta)`` at twice the offset).
 
-    dRPB: during the walk, ``dS`` is accumulated per (query, window slot) (``BLOCK_S`` slots, a
-    gather of ``BLOCK_S`` columns per block); after it, slots are mapped to relative positions once,
-    ``BLOCK_R`` at a time.
+    dRPB: during the walk, ``dS`` is accumulated per (query, window slot) (``BLOCK_S`` slots
+    ``(s0 * SLOT1 + s1) * SLOT2 + s2``, a gather of ``BLOCK_S`` columns per block); after it, slots are
+    mapped to relative positions once, into a row of ``(2 * K0 - 1) x BLOCK_R1 x BLOCK_R2`` bins:
+    with ``DRPB_BY_AXES`` (2-D tiles, see ``ops._DrpbLayout``) by two small products, else by a
+    gather per (query, bin).
     """
     FLAT0: tl.constexpr = (T0 == 1) and (K0 == 1)  # halo step 0 throughout: dropped at trace time
     FLAT1: tl.constexpr = (T1 == 1) and (K1 == 1)
@@ -55,11 +60,10 @@ def _na_bwd_dq_kernel(
     tile_id = tl.program_id(0)
     g0, g1, g2, a0, a1, a2 = split_program(tile_id, L0, L1, L2, D0, D1, D2, T0, T1, T2)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    n_sub0 = subgrid_length(g0, L0, D0)
-    n_sub1 = subgrid_length(g1, L1, D1)
-    n_sub2 = subgrid_length(g2, L2, D2)
+    b, h = batch_head(bh, H)
+    n_sub0 = signed(group_length(g0, L0, D0))
+    n_sub1 = signed(group_length(g1, L1, D1))
+    n_sub2 = signed(group_length(g2, L2, D2))
     if (a0 >= n_sub0) | (a1 >= n_sub1) | (a2 >= n_sub2):
         return
 
@@ -85,7 +89,9 @@ def _na_bwd_dq_kernel(
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     if HAS_DLSE:
         delta -= tl.load(dlse_ptr + l_off, mask=q_valid, other=0.0)
-    tl.store(delta_ptr + l_off, delta, mask=q_valid)
+    # One 8-byte pair per query for the key-centric pass, which gathers both per halo query.
+    tl.store((stats_ptr + 2 * l_off)[:, None] + tl.arange(0, 2)[None, :], tl.join(lse2, delta),
+             mask=q_valid[:, None])
 
     k_row = k_ptr + b * skb + h * skh + (hs0 * D0 + g0) * sk0 + (hs1 * D1 + g1) * sk1 + (hs2 * D2 + g2) * sk2
     v_row = v_ptr + b * svb + h * svh + (hs0 * D0 + g0) * sv0 + (hs1 * D1 + g1) * sv1 + (hs2 * D2 + g2) * sv2
@@ -95,7 +101,8 @@ def _na_bwd_dq_kernel(
         # Window slot s of query q is walk entry walk_entry(lo(q)) + walk_entry(s's steps): the
         # gather of dS per (query, slot) is one add per element.
         slots = tl.arange(0, BLOCK_S)
-        slot_entry = walk_entry(slots // (K1 * K2), (slots // K2) % K1, slots % K2, FLAT0, FLAT1, P1, P2)
+        slot_entry = walk_entry(slots // (SLOT1 * SLOT2), (slots // SLOT2) % SLOT1, slots % SLOT2, FLAT0, FLAT1,
+                                P1, P2)
         query_entry = walk_entry(lo0, lo1, lo2, FLAT0, FLAT1, P1, P2)
         ds_slots = tl.zeros([T0 * T1 * T2, BLOCK_S], tl.float32)
 
@@ -122,28 +129,77 @@ def _na_bwd_dq_kernel(
     tl.store((dq_ptr + dq_off)[:, None] + (dim * sgd)[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
              mask=qd_mask)
     if HAS_RPB:
-        # Slot s of query q holds relative position r = s + e(q) per axis (e: the window's offset
-        # from the query, shifted at the borders); sum over the tile's queries per r.
-        e0 = lo0 + hs0 - ip0 + K0 - 1
-        e1 = lo1 + hs1 - ip1 + K1 - 1
-        e2 = lo2 + hs2 - ip2 + K2 - 1
-        CHUNKS: tl.constexpr = (R + BLOCK_R - 1) // BLOCK_R
-        row = (tile_id.to(tl.int64) * tl.num_programs(1) + bh) * (CHUNKS * BLOCK_R)
-        for chunk in tl.static_range(0, CHUNKS):
-            rel = chunk * BLOCK_R + tl.arange(0, BLOCK_R)
-            s0 = (rel // (R1 * R2))[None, :] - e0[:, None]
-            s1 = ((rel // R2) % R1)[None, :] - e1[:, None]
-            s2 = (rel % R2)[None, :] - e2[:, None]
-            held = ((s0 >= 0) & (s0 < K0) & (s1 >= 0) & (s1 < K1) & (s2 >= 0) & (s2 < K2)
-                    & q_valid[:, None] & (rel < R)[None, :])
-            slot = tl.where(held, (s0 * K1 + s1) * K2 + s2, 0)
-            drpb = tl.sum(tl.where(held, tl.gather(ds_slots, slot, 1), 0.0), 0)
-            tl.store(drpb_ptr + row + rel, drpb)
+        row = drpb_ptr + (tile_id.to(tl.int64) * tl.num_programs(1) + bh) * ((2 * K0 - 1) * BLOCK_R1 * BLOCK_R2)
+        if DRPB_BY_AXES:
+            drpb = slots_to_bins_2d(ds_slots, a1, a2, n_sub1, n_sub2, K1, K2, C1, C2, T1, T2, SLOT1, SLOT2,
+                                    BLOCK_R1, BLOCK_R2)
+            tl.store(row + tl.arange(0, BLOCK_R2)[:, None] + tl.arange(0, BLOCK_R1)[None, :] * BLOCK_R2, drpb)
+        else:
+            # Slot s of query q holds relative position r = s + e(q) per axis (e: the window's offset
+            # from the query, shifted at the borders); sum over the tile's queries per r, one plane of
+            # r0 at a time.
+            e0 = lo0 + hs0 - ip0 + K0 - 1
+            e1 = lo1 + hs1 - ip1 + K1 - 1
+            e2 = lo2 + hs2 - ip2 + K2 - 1
+            bins = tl.arange(0, BLOCK_R1 * BLOCK_R2)
+            s1 = (bins // BLOCK_R2)[None, :] - e1[:, None]
+            s2 = (bins % BLOCK_R2)[None, :] - e2[:, None]
+            in_plane = (s1 >= 0) & (s1 < K1) & (s2 >= 0) & (s2 < K2) & q_valid[:, None]
+            for r0 in tl.static_range(0, 2 * K0 - 1):
+                s0 = r0 - e0[:, None]
+                held = in_plane & (s0 >= 0) & (s0 < K0)
+                slot = tl.where(held, (s0 * SLOT1 + s1) * SLOT2 + s2, 0)
+                drpb = tl.sum(tl.where(held, tl.gather(ds_slots, slot, 1), 0.0), 0)
+                tl.store(row + r0 * (BLOCK_R1 * BLOCK_R2) + bins, drpb)
+
+
+@triton.jit
+def slots_to_bins_2d(ds_slots, a1, a2, n_sub1, n_sub2, K1: tl.constexpr, K2: tl.constexpr, C1: tl.constexpr,
+                     C2: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, SLOT1: tl.constexpr,
+                     SLOT2: tl.constexpr, BLOCK_R1: tl.constexpr, BLOCK_R2: tl.constexpr):
+    """dRPB of a 2-D tile: ``[BLOCK_R2, BLOCK_R1]`` sums of ``dS`` per relative position ``(r1, r2)``.
+
+    ``ds_slots`` is ``[T1 * T2, SLOT1 * SLOT2]`` (query ``(t1, t2)``, window slot ``(s1, s2)``, both
+    row-major). Slot ``s`` of query ``t`` holds relative position ``r = s + e(t)`` per axis, and
+    ``e`` along an axis depends on the query's coordinate along that axis only, so the map from
+    (query, slot) to bins is separable: with one-hot matrices ``M_a[(t, s), r] = [r == s + e_a(t)]``
+    the bins are ``(X @ M_2)^T @ M_1`` where ``X`` is ``ds_slots`` regrouped as
+    ``[(t1, s1), (t2, s2)]`` -- two small products on tensor cores instead of a gather per
+    (query, bin).
+    """
+    x = tl.reshape(tl.permute(tl.reshape(ds_slots, [T1, T2, SLOT1, SLOT2]), [0, 2, 1, 3]),
+                   [T1 * SLOT1, T2 * SLOT2])
+    by_bin2 = one_hot_product(x, slot_bins(a2, n_sub2, K2, C2, T2, SLOT2, BLOCK_R2))
+    return one_hot_product(tl.trans(by_bin2), slot_bins(a1, n_sub1, K1, C1, T1, SLOT1, BLOCK_R1))
+
+
+@triton.jit
+def slot_bins(a, length_g, K: tl.constexpr, C: tl.constexpr, T: tl.constexpr, SLOT: tl.constexpr,
+              BLOCK_R: tl.constexpr):
+    """One axis's ``[T * SLOT, BLOCK_R]`` one-hot map from (tile step ``t``, window slot ``s``) to the
+    relative position ``s + e(t)`` (``e``: window start - query + K - 1); empty for slots past the
+    window and for queries past the sub-grid."""
+    ts = tl.arange(0, T * SLOT)
+    ip = a + ts // SLOT
+    s = ts % SLOT
+    rel = s + subgrid_window_start(ip, length_g, K, C) - ip + (K - 1)
+    rel = tl.where((s < K) & (ip < length_g), rel, -1)
+    return (rel[:, None] == tl.arange(0, BLOCK_R)[None, :]).to(tl.float32)
+
+
+@triton.jit
+def one_hot_product(x, one_hot):
+    """``x @ one_hot`` for fp32 ``x`` and a 0/1 ``one_hot``, to about fp32 accuracy on tensor cores:
+    ``x`` split into its leading tf32 bits and the rest (exact in fp32; at most 13 significant bits,
+    11 kept: relative error < 2^-21 per term), two tf32 products. (``input_precision="tf32x3"`` rounds both operands and takes three
+    products: about 1,300 more SASS per program on Triton 3.6.)"""
+    high = (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return tl.dot(x - high, one_hot, tl.dot(high, one_hot, input_precision="tf32"), input_precision="tf32")
 
 
 @triton.jit
 def _na_bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, rpb_ptr, do_ptr, lse_ptr, delta_ptr,
+    q_ptr, k_ptr, v_ptr, rpb_ptr, do_ptr, stats_ptr,
     dk_ptr, dv_ptr,
     sqb, sq0, sq1, sq2, sqh, sqd,
     skb, sk0, sk1, sk2, skh, skd,
@@ -165,11 +221,10 @@ def _na_bwd_dkdv_kernel(
     R: tl.constexpr = (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
     g0, g1, g2, a0, a1, a2 = split_program(tl.program_id(0), L0, L1, L2, D0, D1, D2, T0, T1, T2)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    n_sub0 = subgrid_length(g0, L0, D0)
-    n_sub1 = subgrid_length(g1, L1, D1)
-    n_sub2 = subgrid_length(g2, L2, D2)
+    b, h = batch_head(bh, H)
+    n_sub0 = signed(group_length(g0, L0, D0))
+    n_sub1 = signed(group_length(g1, L1, D1))
+    n_sub2 = signed(group_length(g2, L2, D2))
     if (a0 >= n_sub0) | (a1 >= n_sub1) | (a2 >= n_sub2):
         return
 
@@ -208,8 +263,7 @@ def _na_bwd_dkdv_kernel(
         do = halo_rows(do_row, u0, u1, u2, n0, n1, n2, D0, D1, D2, sdo0, sdo1, sdo2, sdod, dim, d_valid,
                        FLAT0, FLAT1)
         l_off = l_row + halo_offsets(u0, u1, u2, n0, n1, n2, D0 * sl0, D1 * sl1, D2 * sl2, FLAT0, FLAT1)
-        lse2 = tl.load(lse_ptr + l_off) * 1.4426950408889634
-        delta = tl.load(delta_ptr + l_off)
+        lse2, delta = tl.split(tl.load((stats_ptr + 2 * l_off)[:, None] + tl.arange(0, 2)[None, :]))
 
         # Each walked query's window in halo steps; a query past the sub-grid gets none (a query
         # past the halo box holds no key of the tile, so its window misses them by itself).
@@ -238,5 +292,5 @@ def _na_bwd_dkdv_kernel(
 
 
 na_bwd_dq_kernel = config.autotuned(_na_bwd_dq_kernel, "BLOCK_K", "fused_bwd_dq",
-                                    outputs=("dq_ptr", "delta_ptr", "drpb_ptr"))
+                                    outputs=("dq_ptr", "stats_ptr", "drpb_ptr"))
 na_bwd_dkdv_kernel = config.autotuned(_na_bwd_dkdv_kernel, "BLOCK_Q", "fused_bwd_dkdv", outputs=("dk_ptr", "dv_ptr"))

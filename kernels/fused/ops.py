@@ -27,10 +27,6 @@ from . import config
 from .backward import na_bwd_dkdv_kernel, na_bwd_dq_kernel
 from .forward import na_fwd_kernel
 
-# Relative positions a dQ program maps its window slots to at a time (bigger windows: several rounds).
-MAX_BLOCK_R = 256
-
-
 class _Problem:
     """A [B, *spatial, H, D] problem padded to 3 axes (leading axes: size 1, kernel 1, stride 0)."""
 
@@ -65,6 +61,34 @@ class _Problem:
         t0, t1, t2 = self.tile
         return dict(K0=k0, K1=k1, K2=k2, C0=c0, C1=c1, C2=c2, T0=t0, T1=t1, T2=t2, P1=pitch[0], P2=pitch[1],
                     HAS_RPB=has_rpb, BLOCK_D=self.block_d, IEEE=self.ieee)
+
+
+class _DrpbLayout:
+    """Where the dQ kernel keeps dRPB: per query, window slot ``(s0 * SLOT1 + s1) * SLOT2 + s2`` of
+    ``BLOCK_S``; per program, a row of ``(2*K0 - 1) x BLOCK_R1 x BLOCK_R2`` relative-position bins.
+
+    2-D tiles whose regrouped slots fill ``tl.dot`` operands (``DRPB_BY_AXES``) lay slots out on
+    power-of-two pitches and at least 16 bins per axis: the kernel maps slots to bins with two small
+    products. Others (1-D, 3-D, thin tiles) keep slots compact and gather them per (query, bin).
+    """
+
+    def __init__(self, p: _Problem):
+        k0, k1, k2 = p.kernel
+        _, t1, t2 = p.tile
+        self.rel = tuple(2 * k - 1 for k in p.kernel)
+        pitch1, pitch2 = triton.next_power_of_2(k1), triton.next_power_of_2(k2)
+        by_axes = p.tile[0] == 1 and k0 == 1 and t1 * pitch1 >= config.MIN_DOT and t2 * pitch2 >= config.MIN_DOT
+        slot1, slot2 = (pitch1, pitch2) if by_axes else (k1, k2)
+        block_r1, block_r2 = (max(triton.next_power_of_2(r), config.MIN_DOT if by_axes else 1) for r in self.rel[1:])
+        self.meta = dict(BLOCK_S=triton.next_power_of_2(k0 * slot1 * slot2), SLOT1=slot1, SLOT2=slot2,
+                         BLOCK_R1=block_r1, BLOCK_R2=block_r2, DRPB_BY_AXES=by_axes)
+        self.row = self.rel[0] * block_r1 * block_r2
+
+    def bins(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[..., row]`` partial sums -> ``[..., 2K0-1, 2K1-1, 2K2-1]`` (the padding bins dropped)."""
+        r0, r1, r2 = self.rel
+        grid = rows.reshape(*rows.shape[:-1], r0, self.meta["BLOCK_R1"], self.meta["BLOCK_R2"])
+        return grid[..., :r1, :r2]
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -131,31 +155,29 @@ def na_fused_bwd(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], query
     p = _Problem(query, kernel_size, dilation, is_causal)
     has_rpb = rpb is not None
     lse = lse.contiguous()
-    delta = torch.empty_like(lse)
+    stats = torch.empty((*lse.shape, 2), dtype=torch.float32, device=query.device)  # (lse * log2 e, delta)
     dq = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     dk = torch.empty(query.shape, dtype=key.dtype, device=query.device)
     dv = torch.empty(query.shape, dtype=value.dtype, device=query.device)
-    block_r = min(triton.next_power_of_2(p.num_rel), MAX_BLOCK_R)
-    chunks = triton.cdiv(p.num_rel, block_r)
-    partial = torch.zeros((p.num_tiles, p.batch, p.heads, chunks * block_r) if has_rpb else (1,),
+    drpb_layout = _DrpbLayout(p)
+    partial = torch.zeros((p.num_tiles, p.batch, p.heads, drpb_layout.row) if has_rpb else (1,),
                           dtype=torch.float32, device=query.device)
     rpb_arg = rpb.contiguous() if has_rpb else lse
     has_dlse = grad_lse is not None
     dlse_arg = grad_lse.contiguous() if has_dlse else lse
     launch(na_bwd_dq_kernel, (p.num_tiles, p.batch * p.heads), (
-        query, key, value, rpb_arg, out, grad_out, lse, dlse_arg, dq, delta, partial,
+        query, key, value, rpb_arg, out, grad_out, lse, dlse_arg, dq, stats, partial,
         *p.strides(query), *p.strides(key), *p.strides(value), *p.strides(out), *p.strides(grad_out),
         *p.strides(dq), *p.strides(lse),
-        *p.shape_args(scale)), dict(HAS_DLSE=has_dlse, BLOCK_S=triton.next_power_of_2(math.prod(p.kernel)),
-                                    BLOCK_R=block_r, **p.meta(has_rpb, p.query_pitch)))
+        *p.shape_args(scale)), dict(HAS_DLSE=has_dlse, **drpb_layout.meta, **p.meta(has_rpb, p.query_pitch)))
     launch(na_bwd_dkdv_kernel, (p.num_tiles, p.batch * p.heads), (
-        query, key, value, rpb_arg, grad_out, lse, delta, dk, dv,
+        query, key, value, rpb_arg, grad_out, stats, dk, dv,
         *p.strides(query), *p.strides(key), *p.strides(value), *p.strides(dk), *p.strides(grad_out),
         *p.strides(lse),
         *p.shape_args(scale)), p.meta(has_rpb, p.key_pitch))
     if has_rpb:
         # Fixed-order sum over (tile, batch): deterministic, unlike atomics.
-        drpb = partial.sum(dim=(0, 1))[:, : p.num_rel].reshape(rpb.shape).to(rpb.dtype).contiguous()
+        drpb = drpb_layout.bins(partial.sum(dim=(0, 1))).reshape(rpb.shape).to(rpb.dtype).contiguous()
     else:
         drpb = torch.empty(0, dtype=query.dtype, device=query.device)
     return dq, dk, dv, drpb
