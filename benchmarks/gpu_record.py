@@ -455,6 +455,91 @@ def check_case(shape, dtype_name: str, backend: str, device) -> dict:
                 tolerance=tol)
 
 
+# A batch element past int32 offsets (issue 17): 2048x2048 tokens x 5 heads x 128 = 2.7e9 elements
+# per tensor (5.4 GB in bf16), k=7, no RPB. GPU memory it takes (fused forward+backward: q, k, v,
+# out, dout, dq, dk, dv) and about what it costs with one pinned config compiled.
+HUGE = dict(side=2048, heads=5, head_dim=128, kernel=7, crop=48)
+HUGE_MEMORY_GB = {"fused": 48, "unfused": 34}
+HUGE_ESTIMATE_S = {"fused": 60.0, "unfused": 40.0}
+
+
+def check_past_int32(backend: str, device, side: int = HUGE["side"], heads: int = HUGE["heads"],
+                     head_dim: int = HUGE["head_dim"], kernel: int = HUGE["kernel"], crop: int = HUGE["crop"],
+                     dtype_name: str = "bfloat16") -> dict:
+    """One batch element of more than 2^31 elements, through ``backend``'s 64-bit specialisation.
+
+    NA is local: the bottom-right corner of the map (the highest offsets) must equal the same
+    corner of a small crop of it, where windows are the same for queries at least ``kernel - 1``
+    tokens inside the crop's edge. Forward, and for "fused" dQ (the unfused backward's dRPB-free
+    kernels are the forward's)."""
+    import torch
+
+    from kernels import na2d, offsets
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, side, side, heads, head_dim, device=device, dtype=getattr(torch, dtype_name),
+                           generator=gen) for _ in range(3))
+    assert offsets.int64_offsets(q), "the problem does not need 64-bit offsets"
+    keep = crop - 2 * (kernel - 1)
+    pieces = [x[:, -crop:, -crop:].contiguous() for x in (q, k, v)]
+    errors = {}
+    with_grad = backend == "fused"
+    q.requires_grad_(with_grad)
+    out = na2d(q, k, v, kernel, backend=backend)
+    piece = pieces[0].requires_grad_(with_grad)
+    want = na2d(piece, *pieces[1:], kernel, backend=backend)
+    pairs = [("out", out[:, -keep:, -keep:], want[:, -keep:, -keep:])]
+    if with_grad:
+        (dq,) = torch.autograd.grad(out, q, torch.ones_like(out))
+        (want_dq,) = torch.autograd.grad(want, piece, torch.ones_like(want))
+        pairs.append(("dq", dq[:, -keep:, -keep:], want_dq[:, -keep:, -keep:]))
+    for name, got, ref in pairs:
+        errors[name] = (got.float() - ref.float()).abs().max().item()
+    # The crop runs the same kernels with 32-bit offsets: the corner agrees to rounding.
+    return dict(elements=q.numel(), max_abs_err=errors, ok=all(e <= 2e-2 for e in errors.values()))
+
+
+def _check_past_int32_rows(ctx: "Context", skipped: list) -> list[dict]:
+    """``check_past_int32`` per backend where GPU memory and the time box allow (one pinned config;
+    on a GPU only). Optional: a backend that does not fit is listed in ``skipped`` with why, and
+    does not make the step partial."""
+    import torch
+
+    from benchmarks._common import describe_error, free_memory
+    from benchmarks.na_bench import Shape
+    from kernels import tuning
+
+    rows = []
+    device = ctx.device
+    if device.type != "cuda":  # the smoke record: nothing past int32 fits a CPU run
+        return rows
+    shape, crop = (Shape("past int32", 1, (side,) * 2, HUGE["heads"], HUGE["head_dim"], (HUGE["kernel"],) * 2,
+                         (1, 1), (False, False), use_rpb=False) for side in (HUGE["side"], HUGE["crop"]))
+    for backend in ("fused", "unfused"):
+        label = f"{shape.label} bfloat16 {backend}"
+        free_gb = torch.cuda.mem_get_info(device)[0] / 2**30
+        if free_gb < HUGE_MEMORY_GB[backend] or not ctx.fits(HUGE_ESTIMATE_S[backend]):
+            skipped.append(f"{label} (needs {HUGE_MEMORY_GB[backend]} GB and ~{HUGE_ESTIMATE_S[backend]:.0f} s; "
+                           f"{free_gb:.0f} GB free, {max(ctx.left(), 0):.0f} s left)")
+            continue
+        started = time.perf_counter()
+        row = dict(shape=shape.label, dtype="bfloat16", backend=backend, config="pinned #0")
+        try:
+            tables = [pinned_table(x, "bfloat16", backend, 0) for x in (shape, crop)]
+            pinned = tuning.Table("<gpu_record pinned>", "any", (), {**tables[0].winners, **tables[1].winners})
+            with tuning.use_table(pinned):
+                found = check_past_int32(backend, device)
+            row.update(ok=found["ok"], deterministic=None, past_int32=found)
+        except Exception as exc:  # noqa: BLE001 -- recorded loudly
+            row.update(ok=False, deterministic=None, error=describe_error(exc))
+        free_memory(device)
+        row["seconds"] = round(time.perf_counter() - started, 2)
+        ctx.log(f"  {label:<56} {'ok' if row['ok'] else 'WRONG'} {row.get('past_int32', row.get('error'))} "
+                f"[{row['seconds']:.1f}s]")
+        rows.append(row)
+    return rows
+
+
 def autotune_configs() -> int:
     """How many configs the kernels' autotuners try (6 on a GPU; 1 under the interpreter)."""
     return max(len(kernel.configs) for kernel in _tuned_kernels().values())
@@ -557,7 +642,9 @@ def step_correctness(ctx: Context) -> StepResult:
             result.data.update(rows=rows, untested=untested)
             result.markdown = _correctness_markdown(result.data)
             ctx.save_partial(result)
-    result.data.update(rows=rows, untested=untested)
+    skipped = []
+    rows += _check_past_int32_rows(ctx, skipped)
+    result.data.update(rows=rows, untested=untested, past_int32_skipped=skipped)
     wrong = [r for r in rows if not r["ok"] or r.get("deterministic") is False]
     if wrong:
         result.status = "WRONG"
@@ -579,17 +666,23 @@ def _correctness_markdown(data: dict) -> str:
                  for n in names]
         verdict = "ok" if r["ok"] else ("ERROR" if "error" in r else "**WRONG**")
         det = {True: "yes", False: "**NO**", None: "-"}[r.get("deterministic")]
+        if "past_int32" in r:  # max abs error of the corner against a crop (check_past_int32)
+            cells = [f"{r['past_int32']['max_abs_err'][n]:.1e} abs" if n in r["past_int32"]["max_abs_err"] else "-"
+                     for n in names]
         table.append([r["shape"], r["dtype"], r["backend"], r.get("config", "-"), *cells, det, verdict])
     lines = ["Relative error ||x - ref|| / ||ref|| against the float64 reference (same inputs; RPB in float32); "
              "FAIL when the max abs error exceeds tol x max(1, max|ref|) (bf16 6e-2, fp16 2e-2, fp32 1e-2). "
              "Deterministic: a second backward gives the same bits. Config: the kernels' own autotuner, or one "
-             "pinned config where the pre-compilation did not finish all of them in time.", ""]
+             "pinned config where the pre-compilation did not finish all of them in time. \"past int32\": one batch "
+             "element of 2.7e9 elements (64-bit offsets), its corner against a crop of the map (max abs error).", ""]
     lines += _md_table(["shape", "dtype", "backend", "config", *names, "deterministic", "verdict"], table)
     errors = [f"- {r['shape']} {r['dtype']} {r['backend']}: {r['error']}" for r in rows if "error" in r]
     if errors:
         lines += ["", *errors]
     if data.get("untested"):
         lines += ["", f"Not checked (time box): {', '.join(data['untested'])}"]
+    if data.get("past_int32_skipped"):
+        lines += ["", f"Optional past-int32 checks not run: {'; '.join(data['past_int32_skipped'])}"]
     lines += _precompile_note(data)
     return "\n".join(lines)
 

@@ -47,6 +47,9 @@ CACHE_DIR = Path(os.environ.get("KERNEL_AUDIT_CACHE", AUDIT_DIR / "cache"))
 SIDE_TRITON = "3.6.0"
 SIDE_DIR = AUDIT_DIR / f"triton-{SIDE_TRITON}"
 SIDE_ENV = "AUDIT_TRITON36_PYTHON"
+# kernels.offsets.FORCE_ENV (not imported: this process stays free of torch): "1" audits the
+# kernels' 64-bit-offset specialisation at any shape.
+FORCE_INT64_ENV = "DINAT_INT64_OFFSETS"
 DEFAULT_PREFERENCE = dict(block=64, num_warps=4)
 QUICK_KERNELS = ("fused_fwd", "fused_dq", "fused_dkdv")
 
@@ -227,6 +230,8 @@ def _source_hash() -> str:
 
 
 def _cache_path(kind: str, payload: dict) -> Path:
+    if os.environ.get(FORCE_INT64_ENV) == "1":  # every launch forced onto the 64-bit offsets (kernels/offsets.py)
+        payload = {**payload, FORCE_INT64_ENV: "1"}
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
     return CACHE_DIR / f"{kind}-{key}.jsonl"
 

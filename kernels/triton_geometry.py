@@ -88,3 +88,12 @@ def inverse_count(j, length, KERNEL: tl.constexpr, dilation, CAUSAL: tl.constexp
 def rpb_offset(i, j, KERNEL: tl.constexpr, dilation):
     """Relative-position-bias index of key ``j`` for query ``i`` (same group): ``j'-i'+k-1``."""
     return (j - i) // dilation + KERNEL - 1
+
+
+@triton.jit
+def int64_strides(s0, s1, s2, sh, sd):
+    """A tensor's strides inside a batch element (3 spatial axes, heads, last) as int64: every
+    offset built from them is then a 64-bit product. The prologue of a kernel's ``INT64_OFFSETS``
+    specialisation (``kernels/offsets.py``); unit strides (Triton constexprs) work too."""
+    return (tl.cast(s0, tl.int64), tl.cast(s1, tl.int64), tl.cast(s2, tl.int64), tl.cast(sh, tl.int64),
+            tl.cast(sd, tl.int64))

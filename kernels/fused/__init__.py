@@ -17,13 +17,15 @@ import os
 import torch
 
 from ..geometry import NAParams
+from ..offsets import MAX_GRID_Y
 
 __all__ = ["na", "unavailable_reason", "unsupported_reason", "MAX_HEAD_DIM"]
 
 # Bigger heads would not fit a tile's q/acc/dq blocks in registers.
 MAX_HEAD_DIM = 256
-# batch * heads is a CUDA grid axis other than the first, limited to 65535 programs.
-MAX_BATCH_HEADS = 65535
+# One program per (batch, head) runs on CUDA grid axis 1: a bigger batch is launched in chunks
+# (kernels/offsets.py), but the heads of one batch element must fit one launch.
+MAX_HEADS = MAX_GRID_Y
 
 try:
     from . import ops as _ops
@@ -52,9 +54,8 @@ def unsupported_reason(query: torch.Tensor) -> str | None:
         return "float64 is not supported (use float32, float16 or bfloat16, or backend='reference')"
     if query.shape[-1] > MAX_HEAD_DIM:
         return f"head_dim must be <= {MAX_HEAD_DIM}; got {query.shape[-1]}"
-    if query.shape[0] * query.shape[-2] > MAX_BATCH_HEADS:
-        return (f"batch * heads must be <= {MAX_BATCH_HEADS}; got {query.shape[0]} * {query.shape[-2]} "
-                f"(split the batch)")
+    if query.shape[-2] > MAX_HEADS:
+        return f"heads must be <= {MAX_HEADS} (CUDA's limit on grid axis 1); got {query.shape[-2]}"
     return None
 
 

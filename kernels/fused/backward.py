@@ -16,7 +16,7 @@ Two passes, each recomputing the probabilities from the saved logsumexp:
 import triton
 import triton.language as tl
 
-from ..triton_geometry import subgrid_window_start
+from ..triton_geometry import int64_strides, subgrid_window_start
 from . import config
 from ._tiles import (batch_head, group_length, halo_offsets, halo_rows, halo_steps, in_range, key_tile_axis, mma,
                      mma_add, query_tile_axis, query_window, rpb_load, rpb_steps, signed, split_program, tile_steps,
@@ -40,6 +40,7 @@ def _na_bwd_dq_kernel(
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
     P1: tl.constexpr, P2: tl.constexpr,
     HAS_RPB: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr,
     BLOCK_S: tl.constexpr, SLOT1: tl.constexpr, SLOT2: tl.constexpr,
     BLOCK_R1: tl.constexpr, BLOCK_R2: tl.constexpr, DRPB_BY_AXES: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -61,6 +62,14 @@ def _na_bwd_dq_kernel(
     g0, g1, g2, a0, a1, a2 = split_program(tile_id, L0, L1, L2, D0, D1, D2, T0, T1, T2)
     bh = tl.program_id(1)
     b, h = batch_head(bh, H)
+    if INT64_OFFSETS:  # a batch element spans 2^31 elements or more (kernels/offsets.py)
+        sq0, sq1, sq2, sqh, sqd = int64_strides(sq0, sq1, sq2, sqh, sqd)
+        sk0, sk1, sk2, skh, skd = int64_strides(sk0, sk1, sk2, skh, skd)
+        sv0, sv1, sv2, svh, svd = int64_strides(sv0, sv1, sv2, svh, svd)
+        so0, so1, so2, soh, sod = int64_strides(so0, so1, so2, soh, sod)
+        sdo0, sdo1, sdo2, sdoh, sdod = int64_strides(sdo0, sdo1, sdo2, sdoh, sdod)
+        sg0, sg1, sg2, sgh, sgd = int64_strides(sg0, sg1, sg2, sgh, sgd)
+        sl0, sl1, sl2, slh, _ = int64_strides(sl0, sl1, sl2, slh, 0)
     n_sub0 = signed(group_length(g0, L0, D0))
     n_sub1 = signed(group_length(g1, L1, D1))
     n_sub2 = signed(group_length(g2, L2, D2))
@@ -213,6 +222,7 @@ def _na_bwd_dkdv_kernel(
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
     P1: tl.constexpr, P2: tl.constexpr,
     HAS_RPB: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr,
     BLOCK_Q: tl.constexpr,
 ):
     """dK, dV for a tile of keys (``sg*``: strides of the contiguous dk/dv)."""
@@ -222,6 +232,13 @@ def _na_bwd_dkdv_kernel(
     g0, g1, g2, a0, a1, a2 = split_program(tl.program_id(0), L0, L1, L2, D0, D1, D2, T0, T1, T2)
     bh = tl.program_id(1)
     b, h = batch_head(bh, H)
+    if INT64_OFFSETS:  # a batch element spans 2^31 elements or more (kernels/offsets.py)
+        sq0, sq1, sq2, sqh, sqd = int64_strides(sq0, sq1, sq2, sqh, sqd)
+        sk0, sk1, sk2, skh, skd = int64_strides(sk0, sk1, sk2, skh, skd)
+        sv0, sv1, sv2, svh, svd = int64_strides(sv0, sv1, sv2, svh, svd)
+        sdo0, sdo1, sdo2, sdoh, sdod = int64_strides(sdo0, sdo1, sdo2, sdoh, sdod)
+        sg0, sg1, sg2, sgh, sgd = int64_strides(sg0, sg1, sg2, sgh, sgd)
+        sl0, sl1, sl2, slh, _ = int64_strides(sl0, sl1, sl2, slh, 0)
     n_sub0 = signed(group_length(g0, L0, D0))
     n_sub1 = signed(group_length(g1, L1, D1))
     n_sub2 = signed(group_length(g2, L2, D2))

@@ -10,7 +10,7 @@ logsumexp.
 import triton
 import triton.language as tl
 
-from ..triton_geometry import subgrid_length
+from ..triton_geometry import int64_strides, subgrid_length
 from . import config
 from ._tiles import (halo_rows, halo_steps, mma, query_tile_axis, rpb_steps, split_program, tile_steps, walk_length,
                      window_logits)
@@ -30,6 +30,7 @@ def _na_fwd_kernel(
     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr,
     P1: tl.constexpr, P2: tl.constexpr,
     HAS_RPB: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     FLAT0: tl.constexpr = (T0 == 1) and (K0 == 1)  # halo step 0 throughout: dropped at trace time
@@ -39,6 +40,12 @@ def _na_fwd_kernel(
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = bh % H
+    if INT64_OFFSETS:  # a batch element spans 2^31 elements or more (kernels/offsets.py)
+        sq0, sq1, sq2, sqh, sqd = int64_strides(sq0, sq1, sq2, sqh, sqd)
+        sk0, sk1, sk2, skh, skd = int64_strides(sk0, sk1, sk2, skh, skd)
+        sv0, sv1, sv2, svh, svd = int64_strides(sv0, sv1, sv2, svh, svd)
+        so0, so1, so2, soh, sod = int64_strides(so0, so1, so2, soh, sod)
+        sl0, sl1, sl2, slh, _ = int64_strides(sl0, sl1, sl2, slh, 0)
     n_sub0 = subgrid_length(g0, L0, D0)
     n_sub1 = subgrid_length(g1, L1, D1)
     n_sub2 = subgrid_length(g2, L2, D2)

@@ -21,6 +21,7 @@ from torch.library import triton_op
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import reference
+from ..offsets import batch_slices, int64_offsets
 from ..tuning import launch
 from ..geometry import NAParams
 from . import config
@@ -43,7 +44,6 @@ class _Problem:
         self.tile = config.tile_shape(self.spatial, self.dilation, self.ndim, tokens)
         self.num_tiles = config.num_tiles(self.spatial, self.dilation, self.tile)
         self.ieee = query.dtype == torch.float32
-        self.num_rel = math.prod(2 * k - 1 for k in self.kernel)
         self.query_pitch = config.query_halo_pitch(self.spatial, self.dilation, self.kernel, self.tile)
         self.key_pitch = config.key_halo_pitch(self.spatial, self.dilation, self.kernel, self.causal, self.tile)
 
@@ -55,12 +55,17 @@ class _Problem:
     def shape_args(self, scale: float) -> tuple:
         return (*self.spatial, *self.dilation, self.heads, self.head_dim, scale)
 
-    def meta(self, has_rpb: bool, pitch: tuple[int, int]) -> dict:
+    def meta(self, has_rpb: bool, pitch: tuple[int, int], int64: bool) -> dict:
         k0, k1, k2 = self.kernel
         c0, c1, c2 = self.causal
         t0, t1, t2 = self.tile
         return dict(K0=k0, K1=k1, K2=k2, C0=c0, C1=c1, C2=c2, T0=t0, T1=t1, T2=t2, P1=pitch[0], P2=pitch[1],
-                    HAS_RPB=has_rpb, BLOCK_D=self.block_d, IEEE=self.ieee)
+                    HAS_RPB=has_rpb, BLOCK_D=self.block_d, IEEE=self.ieee, INT64_OFFSETS=int64)
+
+    def batch_slices(self, *tensors: torch.Tensor) -> list[tuple[int, tuple]]:
+        """(batch count, the tensors' batch slice) per launch: ``batch * heads`` programs per launch
+        fit CUDA's grid axis 1 (``kernels.offsets.batch_chunks``)."""
+        return batch_slices(tensors, self.batch, self.heads, "fused")
 
 
 class _DrpbLayout:
@@ -137,10 +142,12 @@ def na_fused_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rp
     lse = torch.empty(query.shape[:-1], dtype=torch.float32, device=query.device)
     has_rpb = rpb is not None
     rpb_arg = rpb.contiguous() if has_rpb else lse  # never read without an RPB
-    launch(na_fwd_kernel, (p.num_tiles, p.batch * p.heads), (
-        query, key, value, rpb_arg, out, lse,
-        *p.strides(query), *p.strides(key), *p.strides(value), *p.strides(out), *p.strides(lse),
-        *p.shape_args(scale)), p.meta(has_rpb, p.query_pitch))
+    meta = p.meta(has_rpb, p.query_pitch, int64_offsets(query, key, value, out, lse))
+    for batch, (q_b, k_b, v_b, out_b, lse_b) in p.batch_slices(query, key, value, out, lse):
+        launch(na_fwd_kernel, (p.num_tiles, batch * p.heads), (
+            q_b, k_b, v_b, rpb_arg, out_b, lse_b,
+            *p.strides(query), *p.strides(key), *p.strides(value), *p.strides(out), *p.strides(lse),
+            *p.shape_args(scale)), meta)
     return out, lse
 
 
@@ -160,24 +167,32 @@ def na_fused_bwd(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], query
     dk = torch.empty(query.shape, dtype=key.dtype, device=query.device)
     dv = torch.empty(query.shape, dtype=value.dtype, device=query.device)
     drpb_layout = _DrpbLayout(p)
-    partial = torch.zeros((p.num_tiles, p.batch, p.heads, drpb_layout.row) if has_rpb else (1,),
-                          dtype=torch.float32, device=query.device)
     rpb_arg = rpb.contiguous() if has_rpb else lse
     has_dlse = grad_lse is not None
     dlse_arg = grad_lse.contiguous() if has_dlse else lse
-    launch(na_bwd_dq_kernel, (p.num_tiles, p.batch * p.heads), (
-        query, key, value, rpb_arg, out, grad_out, lse, dlse_arg, dq, stats, partial,
-        *p.strides(query), *p.strides(key), *p.strides(value), *p.strides(out), *p.strides(grad_out),
-        *p.strides(dq), *p.strides(lse),
-        *p.shape_args(scale)), dict(HAS_DLSE=has_dlse, **drpb_layout.meta, **p.meta(has_rpb, p.query_pitch)))
-    launch(na_bwd_dkdv_kernel, (p.num_tiles, p.batch * p.heads), (
-        query, key, value, rpb_arg, grad_out, stats, dk, dv,
-        *p.strides(query), *p.strides(key), *p.strides(value), *p.strides(dk), *p.strides(grad_out),
-        *p.strides(lse),
-        *p.shape_args(scale)), p.meta(has_rpb, p.key_pitch))
+    int64 = int64_offsets(query, key, value, out, grad_out, dq, dk, dv, lse, dlse_arg, stats)
+    partials = []
+    for batch, (q_b, k_b, v_b, out_b, do_b, lse_b, dlse_b, dq_b, stats_b, dk_b, dv_b) in p.batch_slices(
+            query, key, value, out, grad_out, lse, dlse_arg, dq, stats, dk, dv):
+        partial = torch.zeros((p.num_tiles, batch, p.heads, drpb_layout.row) if has_rpb else (1,),
+                              dtype=torch.float32, device=query.device)
+        partials.append(partial)
+        launch(na_bwd_dq_kernel, (p.num_tiles, batch * p.heads), (
+            q_b, k_b, v_b, rpb_arg, out_b, do_b, lse_b, dlse_b, dq_b, stats_b, partial,
+            *p.strides(query), *p.strides(key), *p.strides(value), *p.strides(out), *p.strides(grad_out),
+            *p.strides(dq), *p.strides(lse),
+            *p.shape_args(scale)), dict(HAS_DLSE=has_dlse, **drpb_layout.meta, **p.meta(has_rpb, p.query_pitch, int64)))
+        launch(na_bwd_dkdv_kernel, (p.num_tiles, batch * p.heads), (
+            q_b, k_b, v_b, rpb_arg, do_b, stats_b, dk_b, dv_b,
+            *p.strides(query), *p.strides(key), *p.strides(value), *p.strides(dk), *p.strides(grad_out),
+            *p.strides(lse),
+            *p.shape_args(scale)), p.meta(has_rpb, p.key_pitch, int64))
     if has_rpb:
-        # Fixed-order sum over (tile, batch): deterministic, unlike atomics.
-        drpb = drpb_layout.bins(partial.sum(dim=(0, 1))).reshape(rpb.shape).to(rpb.dtype).contiguous()
+        # Fixed-order sum over (tile, batch), then over launches: deterministic, unlike atomics.
+        rows = partials[0].sum(dim=(0, 1))
+        for partial in partials[1:]:
+            rows = rows + partial.sum(dim=(0, 1))
+        drpb = drpb_layout.bins(rows).reshape(rpb.shape).to(rpb.dtype).contiguous()
     else:
         drpb = torch.empty(0, dtype=query.dtype, device=query.device)
     return dq, dk, dv, drpb

@@ -33,9 +33,14 @@ def _window_sum_kernel(
     HEAD_DIM: tl.constexpr,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     b, h, n_mask, i0, i1, i2 = row_tile(N, L1, L2, heads, BLOCK_N)
+    if INT64_OFFSETS:  # a batch element spans 2^31 elements or more (kernels/offsets.py)
+        w_s0, w_s1, w_s2, w_sh, w_sk = tg.int64_strides(w_s0, w_s1, w_s2, w_sh, w_sk)
+        y_s0, y_s1, y_s2, y_sh, y_sd = tg.int64_strides(y_s0, y_s1, y_s2, y_sh, y_sd)
+        o_s0, o_s1, o_s2, o_sh, o_sd = tg.int64_strides(o_s0, o_s1, o_s2, o_sh, o_sd)
     start0 = tg.window_start(i0, L0, K0, dil0, CAUSAL0)
     start1 = tg.window_start(i1, L1, K1, dil1, CAUSAL1)
     start2 = tg.window_start(i2, L2, K2, dil2, CAUSAL2)
@@ -66,7 +71,8 @@ def window_sum(w: torch.Tensor, y: torch.Tensor, geo: Geometry3, scale: float, o
     """Fill ``out`` ``[B, *spatial, H, D]`` with the window-weighted sums (see module doc)."""
     if out.numel() == 0:
         return out
-    launch_rows(_window_sum_kernel, (w, y, out, *strides6(w), *strides6(y), *strides6(out)), y, out, geo, scale)
+    launch_rows(_window_sum_kernel, lambda w, y, out: (w, y, out, *strides6(w), *strides6(y), *strides6(out)),
+                (w, y, out), y, out, geo, scale)
     return out
 
 
@@ -81,9 +87,14 @@ def _inverse_sum_kernel(
     HEAD_DIM: tl.constexpr,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr,
+    INT64_OFFSETS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     b, h, n_mask, j0, j1, j2 = row_tile(N, L1, L2, heads, BLOCK_N)  # the keys of this tile
+    if INT64_OFFSETS:  # a batch element spans 2^31 elements or more (kernels/offsets.py)
+        w_s0, w_s1, w_s2, w_sh, w_sk = tg.int64_strides(w_s0, w_s1, w_s2, w_sh, w_sk)
+        x_s0, x_s1, x_s2, x_sh, x_sd = tg.int64_strides(x_s0, x_s1, x_s2, x_sh, x_sd)
+        o_s0, o_s1, o_s2, o_sh, o_sd = tg.int64_strides(o_s0, o_s1, o_s2, o_sh, o_sd)
     first0 = tg.inverse_first(j0, L0, K0, dil0, CAUSAL0)
     first1 = tg.inverse_first(j1, L1, K1, dil1, CAUSAL1)
     first2 = tg.inverse_first(j2, L2, K2, dil2, CAUSAL2)
@@ -132,5 +143,6 @@ def inverse_sum(w: torch.Tensor, x: torch.Tensor, geo: Geometry3, scale: float, 
     """Fill ``out`` ``[B, *spatial, H, D]`` with the inverse-neighbourhood sums (see module doc)."""
     if out.numel() == 0:
         return out
-    launch_rows(_inverse_sum_kernel, (w, x, out, *strides6(w), *strides6(x), *strides6(out)), x, out, geo, scale)
+    launch_rows(_inverse_sum_kernel, lambda w, x, out: (w, x, out, *strides6(w), *strides6(x), *strides6(out)),
+                (w, x, out), x, out, geo, scale)
     return out

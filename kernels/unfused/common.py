@@ -17,6 +17,7 @@ import torch
 import triton
 
 from .. import tuning
+from ..offsets import INT32_MAX, batch_slices, element_span, int64_offsets
 from ..tuning import launch
 from ..geometry import NAParams
 
@@ -82,29 +83,34 @@ def geometry3(spatial, params: NAParams) -> Geometry3:
     )
 
 
-INT32_MAX = 2**31 - 1
-
-
 def strides6(x: torch.Tensor) -> tuple[int, int, int, int, int, int]:
     """Strides ``(batch, axis0, axis1, axis2, heads, last)`` of a ``[B, *spatial, H, X]`` tensor.
 
     Padded spatial axes get stride 0 (their only index is 0). Any strides work, so views such as
-    ``qkv.unbind(-3)`` and expanded gradients are read in place, without a copy. The kernels add
-    the batch and head offsets in int64 but the offsets inside one (batch, head) slice in int32.
+    ``qkv.unbind(-3)`` and expanded gradients are read in place, without a copy.
     """
     s = x.stride()
-    span = sum((size - 1) * abs(stride) for size, stride in zip(x.shape[1:], s[1:]))
-    if span > INT32_MAX:
-        raise ValueError(
-            f"backend='unfused': one batch element of a {tuple(x.shape)} tensor spans {span} elements; "
-            f"the kernels index within a batch element in int32 (at most {INT32_MAX})"
-        )
     spatial = s[1:-2]
     return (s[0], *((0,) * (3 - len(spatial))), *spatial, s[-2], s[-1])
 
 
+def require_int32_span(x: torch.Tensor) -> None:
+    """ValueError for a kernel without an ``INT64_OFFSETS`` specialisation (the dRPB reduction)
+    when one batch element of ``x`` spans more than int32 offsets reach."""
+    span = element_span(x)
+    if span > INT32_MAX:
+        raise ValueError(
+            f"backend='unfused': one batch element of a {tuple(x.shape)} tensor spans {span} elements; "
+            f"the dRPB reduction indexes within a batch element in int32 (at most {INT32_MAX})"
+        )
+
+
 def block_d(head_dim: int) -> int:
     return min(triton.next_power_of_2(head_dim), MAX_BLOCK_D)
+
+
+# The largest row tile of ``row_configs``.
+MAX_BLOCK_N = 256
 
 
 def row_configs() -> list[triton.Config]:
@@ -114,7 +120,7 @@ def row_configs() -> list[triton.Config]:
     gives bit-identical results. The interpreter gets one large tile (fewer Python-level programs).
     """
     if _INTERPRETED_KERNELS:
-        return [triton.Config({"BLOCK_N": 256}, num_warps=4)]
+        return [triton.Config({"BLOCK_N": MAX_BLOCK_N}, num_warps=4)]
     return [triton.Config({"BLOCK_N": bn}, num_warps=w) for bn in (32, 64, 128) for w in (4, 8)]
 
 
@@ -141,19 +147,29 @@ def on_device_of(x: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def launch_rows(kernel, args: tuple, rows: torch.Tensor, out: torch.Tensor, geo: Geometry3, scale: float,
-                **flags) -> None:
-    """Launch a row kernel on ``args`` over its grid ``(cdiv(N, BLOCK_N), batch * heads)``.
+def launch_rows(kernel, make_args, batched: tuple, rows: torch.Tensor, out: torch.Tensor, geo: Geometry3,
+                scale: float, **flags) -> None:
+    """Launch a row kernel over its grid ``(cdiv(N, BLOCK_N), batch * heads)``.
 
-    ``rows`` (``[B, *spatial, H, D]``) gives batch, heads and head dim; ``out`` is the tensor the
-    kernel writes; ``flags`` are the kernel's own constexprs (passed before ``BLOCK_D``).
+    ``make_args(*batched)`` gives the kernel's positional arguments for ``batched``, the
+    ``[B, ...]`` tensors it indexes (sliced along the batch when ``batch * heads`` programs exceed
+    CUDA's grid axis 1: ``kernels.offsets.batch_slices``); ``rows`` (``[B, *spatial, H, D]``)
+    gives heads and head dim; ``out`` is the tensor the kernel writes; ``flags`` are the kernel's
+    own constexprs (passed before ``BLOCK_D``). ``INT64_OFFSETS`` is chosen from all of them.
     """
-    batch, heads, head_dim = rows.shape[0], rows.shape[-2], rows.shape[-1]
+    heads, head_dim = rows.shape[-2], rows.shape[-1]
     n = geo.num_tokens
-
-    def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_N"]), batch * heads)
-
+    if n + MAX_BLOCK_N > INT32_MAX:
+        # Token numbers stay int32 even in the 64-bit specialisation: int64 coordinates would cost
+        # 64-bit divisions in every window loop, for maps that only the fused kernels handle well.
+        raise ValueError(f"backend='unfused': a batch element holds {n} tokens; the row kernels number tokens "
+                         f"in int32 (at most {INT32_MAX - MAX_BLOCK_N}); use backend='fused'")
+    int64 = int64_offsets(*batched)
     with on_device_of(out):
-        launch(kernel, grid, args, dict(N=n, heads=heads, scale=float(scale), HEAD_DIM=head_dim, **flags,
-                                        BLOCK_D=block_d(head_dim), **geo.kernel_args()))
+        for batch, part in batch_slices(batched, rows.shape[0], heads, "unfused"):
+            def grid(meta, batch=batch):
+                return (triton.cdiv(n, meta["BLOCK_N"]), batch * heads)
+
+            launch(kernel, grid, make_args(*part), dict(
+                N=n, heads=heads, scale=float(scale), HEAD_DIM=head_dim, **flags, INT64_OFFSETS=int64,
+                BLOCK_D=block_d(head_dim), **geo.kernel_args()))

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .. import triton_geometry as tg
 from ..tuning import run_kernel
-from .common import Geometry3, launch_rows, on_device_of, strides6, tuned
+from .common import Geometry3, launch_rows, on_device_of, require_int32_span, strides6, tuned
 
 
 @triton.jit
@@ -63,10 +63,14 @@ def _window_dot_kernel(
     HEAD_DIM: tl.constexpr,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr,
-    HAS_RPB: tl.constexpr, FILL_NEG_INF: tl.constexpr,
+    HAS_RPB: tl.constexpr, FILL_NEG_INF: tl.constexpr, INT64_OFFSETS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     b, h, n_mask, i0, i1, i2 = row_tile(N, L1, L2, heads, BLOCK_N)
+    if INT64_OFFSETS:  # a batch element spans 2^31 elements or more (kernels/offsets.py)
+        x_s0, x_s1, x_s2, x_sh, x_sd = tg.int64_strides(x_s0, x_s1, x_s2, x_sh, x_sd)
+        y_s0, y_s1, y_s2, y_sh, y_sd = tg.int64_strides(y_s0, y_s1, y_s2, y_sh, y_sd)
+        o_s0, o_s1, o_s2, o_sh, o_sk = tg.int64_strides(o_s0, o_s1, o_s2, o_sh, o_sk)
     start0 = tg.window_start(i0, L0, K0, dil0, CAUSAL0)
     start1 = tg.window_start(i1, L1, K1, dil1, CAUSAL1)
     start2 = tg.window_start(i2, L2, K2, dil2, CAUSAL2)
@@ -112,8 +116,8 @@ def window_dot(x: torch.Tensor, y: torch.Tensor, rpb: torch.Tensor | None, geo: 
     if out.numel() == 0:
         return out
     rpb_arg = rpb.contiguous() if rpb is not None else x  # any pointer when HAS_RPB is off
-    launch_rows(_window_dot_kernel, (x, y, rpb_arg, out, *strides6(x), *strides6(y), *strides6(out)), x, out, geo,
-                scale, HAS_RPB=rpb is not None, FILL_NEG_INF=fill_neg_inf)
+    launch_rows(_window_dot_kernel, lambda x, y, out: (x, y, rpb_arg, out, *strides6(x), *strides6(y), *strides6(out)),
+                (x, y, out), x, out, geo, scale, HAS_RPB=rpb is not None, FILL_NEG_INF=fill_neg_inf)
     return out
 
 
@@ -176,6 +180,7 @@ def rpb_grad(grad_logits: torch.Tensor, geo: Geometry3) -> torch.Tensor:
         return partial.new_zeros((heads, *bins))
     block_r = min(triton.next_power_of_2(geo.rpb_bins), RPB_GRAD_MAX_BLOCK_R)
     grid = (triton.cdiv(geo.rpb_bins, block_r), heads, splits)
+    require_int32_span(grad_logits)
     with on_device_of(partial):
         run_kernel(_rpb_grad_kernel, grid, (grad_logits, partial, *strides6(grad_logits)), dict(
             N=geo.num_tokens, total=total, chunk=chunk, heads=heads, BLOCK_M=RPB_GRAD_BLOCK_M,
