@@ -1,5 +1,8 @@
 """dRPB: ``drpb[h, r] = sum over (b, i, t) with rel(i, t) = r of g[b, i, h, t]``, deterministic, no atomics.
 
+The sum runs over the slots that take part: a causal query's slots past itself are skipped (their
+gradient is ignored, as in the reference and ``torch_path``).
+
 Along one axis, the bias bin of slot ``t`` of query ``i`` is ``o(i) + t`` with the query's *class*
 ``o(i) = rpb_offset(i, window_start(i))`` in ``[0, k)``. ``o`` is constant on ``k`` contiguous
 runs of tokens (``window_start`` is a clamp of ``i // d``; see ``axis_piece``): the ``k - 1``
