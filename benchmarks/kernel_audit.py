@@ -351,7 +351,7 @@ def model(row: dict, trips: Optional[dict], gpu) -> dict:
         out["trips_note"] = f"{sum(l['innermost'] for l in trips['loops'])} innermost source loops: not mapped"
         return out
     # Trips were counted at batch 1, one head: valid for the full grid only if nothing but the
-    # batch*heads axis shrank (a kernel whose loop runs over the batch, like the dRPB reduction, is not).
+    # batch*heads axis shrank (not so for a kernel whose loop runs over the batch or whose tiling depends on it).
     shrunk = [a for a, (full, reduced) in enumerate(zip(row["grid"], trips["reduced_grid"])) if full != reduced]
     if len(shrunk) > 1:
         out["trips_note"] = (f"grid {row['grid']} vs {trips['reduced_grid']} at batch 1, one head: "

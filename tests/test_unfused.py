@@ -5,6 +5,7 @@ interpreter tests use float32/float16 only (the interpreter mishandles bfloat16)
 compare bfloat16/float16 at DiNAT sizes.
 """
 
+import itertools
 import math
 
 import pytest
@@ -19,6 +20,7 @@ from kernels import reference, unfused  # noqa: E402
 from kernels.api import check_params  # noqa: E402
 from kernels.geometry import NAParams  # noqa: E402
 
+from .brute_force import window  # noqa: E402
 from .strategies import Problem, problems  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -186,6 +188,44 @@ def _op_samples():
 def test_custom_ops_pass_opcheck():
     for op, args in _op_samples():
         torch.library.opcheck(op, args)
+
+
+def _brute_force_rpb_grad(grad_logits, kernel_size, dilation, is_causal):
+    """dRPB by scalar Python over every (query, slot) that takes part (``tests.brute_force.window``)."""
+    spatial, heads = tuple(grad_logits.shape[1:-2]), grad_logits.shape[-2]
+    bins = [2 * k - 1 for k in kernel_size]
+    flat_bin = torch.full((math.prod(spatial), math.prod(kernel_size)), math.prod(bins), dtype=torch.long)
+    for n, pos in enumerate(itertools.product(*(range(s) for s in spatial))):
+        for t, (_, takes_part, rel) in enumerate(window(pos, spatial, kernel_size, dilation, is_causal)):
+            if takes_part:
+                flat_bin[n, t] = sum(r * math.prod(bins[a + 1:]) for a, r in enumerate(rel))
+    g = grad_logits.detach().cpu().double().reshape(grad_logits.shape[0], -1, heads, flat_bin.shape[1])
+    out = torch.zeros(heads, math.prod(bins) + 1, dtype=torch.float64)  # last bin: slots that take no part
+    out.index_add_(1, flat_bin.reshape(-1), g.sum(0).permute(1, 0, 2).reshape(heads, -1))
+    return out[:, :-1].reshape(heads, *bins)
+
+
+# Each case reaches a path of the dRPB reduction (kernels/unfused/rpb_kernels.py).
+@pytest.mark.parametrize("batch,spatial,heads,kernel_size,dilation,is_causal", [
+    # border runs of 5 tokens cut in 2 pieces, interior runs of 6 and 18 in 2 each; 4 tokens per lane step
+    (2, (16, 20), 2, (3, 3), (5, 1), (False, False)),
+    # causal, even kernel, dilated; 33 batch elements: a second, partly masked block of batch lanes
+    (33, (14,), 2, (4,), (3,), (True,)),
+    # 3-D, mixed causal, 72 slots: two chunks of slots; unused causal slots of the gradient are ignored
+    (1, (3, 5, 8), 1, (3, 3, 8), (1, 1, 1), (True, False, False)),
+    # every axis as long as k * d (DiNAT's dilated layers): interior runs of d tokens, like the borders
+    (3, (9, 6), 2, (3, 3), (3, 2), (False, True)),
+], ids=["2d-pieces", "1d-causal-batch-blocks", "3d-slot-chunks", "2d-length-k-times-d"])
+def test_rpb_grad_matches_brute_force(batch, spatial, heads, kernel_size, dilation, is_causal):
+    gen = torch.Generator().manual_seed(13)
+    grad_logits = torch.randn(batch, *spatial, heads, math.prod(kernel_size), generator=gen).to(DEVICE)
+    geometry = (list(kernel_size), list(dilation), list(is_causal))
+    got = torch.ops.dinat.na_rpb_backward(grad_logits, *geometry)
+    assert got.dtype == torch.float32
+    want = _brute_force_rpb_grad(grad_logits, kernel_size, dilation, is_causal)
+    assert_near(got.double().cpu(), want, torch.float32, "drpb")
+    if batch > 32:  # two batch blocks summed in a fixed order: bit-identical run to run
+        assert torch.equal(got, torch.ops.dinat.na_rpb_backward(grad_logits, *geometry))
 
 
 def test_torch_fallback_matches_reference(monkeypatch):

@@ -26,7 +26,8 @@ from torch.utils.flop_counter import register_flop_formula
 from . import torch_path
 from .av_kernels import inverse_sum, window_sum
 from .common import geometry3, interpreter_enabled
-from .qk_kernels import rpb_grad, window_dot
+from .qk_kernels import window_dot
+from .rpb_kernels import rpb_grad
 from ..geometry import NAParams
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

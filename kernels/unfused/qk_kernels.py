@@ -5,8 +5,7 @@ for every query ``i`` and window slot ``t``; unused causal slots get ``-inf`` (l
 (gradients). QK forward is ``x = query, y = key``; the AV backward's d(attn) is
 ``x = grad_out, y = value``.
 
-``rpb_grad``: ``drpb[h, r] = sum over (b, i, t) with rel(i, t) = r of g[b, i, h, t]``, one program
-per (bin, head) summing in a fixed order: deterministic, no atomics.
+dRPB, the sum of the logits gradient per bias bin, is ``rpb_kernels.rpb_grad``.
 """
 
 from __future__ import annotations
@@ -16,8 +15,7 @@ import triton
 import triton.language as tl
 
 from .. import triton_geometry as tg
-from ..tuning import run_kernel
-from .common import Geometry3, launch_rows, on_device_of, require_int32_span, strides6, tuned
+from .common import Geometry3, launch_rows, strides6, tuned
 
 
 @triton.jit
@@ -119,70 +117,3 @@ def window_dot(x: torch.Tensor, y: torch.Tensor, rpb: torch.Tensor | None, geo: 
     launch_rows(_window_dot_kernel, lambda x, y, out: (x, y, rpb_arg, out, *strides6(x), *strides6(y), *strides6(out)),
                 (x, y, out), x, out, geo, scale, HAS_RPB=rpb is not None, FILL_NEG_INF=fill_neg_inf)
     return out
-
-
-# Fixed tiles (never autotuned): they fix the order in which every bin is summed.
-RPB_GRAD_BLOCK_M = 64  # queries per step
-RPB_GRAD_MAX_BLOCK_R = 64  # bins per program
-RPB_GRAD_QUERIES_PER_SPLIT = 8192  # queries each program sums before its partial is stored
-
-
-@triton.jit
-def _rpb_grad_kernel(
-    g_ptr, partial_ptr,
-    g_sb, g_s0, g_s1, g_s2, g_sh, g_sk,
-    L0, L1, L2, dil0, dil1, dil2, N, total, chunk, heads,
-    K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
-    CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    """Partial dRPB of one head over one chunk of (batch, query) rows, for BLOCK_R bins."""
-    num_bins = (2 * K0 - 1) * (2 * K1 - 1) * (2 * K2 - 1)
-    h = tl.program_id(1)
-    split = tl.program_id(2)
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_mask = r < num_bins
-    r2 = r % (2 * K2 - 1)
-    r1 = (r // (2 * K2 - 1)) % (2 * K1 - 1)
-    r0 = r // ((2 * K1 - 1) * (2 * K2 - 1))
-    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    m_begin = split * chunk
-    for m0 in range(m_begin, m_begin + chunk, BLOCK_M):
-        m = m0 + tl.arange(0, BLOCK_M)
-        m_mask = m < total
-        b = (m // N).to(tl.int64)
-        i0, i1, i2 = split_index(m % N, L1, L2)
-        # Slot t of query i has bin rpb_offset(i, start) + t per axis, so bin r sits in slot r - that.
-        t0 = r0[None, :] - tg.rpb_offset(i0, tg.window_start(i0, L0, K0, dil0, CAUSAL0), K0, dil0)[:, None]
-        t1 = r1[None, :] - tg.rpb_offset(i1, tg.window_start(i1, L1, K1, dil1, CAUSAL1), K1, dil1)[:, None]
-        t2 = r2[None, :] - tg.rpb_offset(i2, tg.window_start(i2, L2, K2, dil2, CAUSAL2), K2, dil2)[:, None]
-        hit = (m_mask[:, None] & r_mask[None, :] & (t0 >= 0) & (t0 < K0) & (t1 >= 0) & (t1 < K1)
-               & (t2 >= 0) & (t2 < K2))
-        t = (t0 * K1 + t1) * K2 + t2
-        rows = b * g_sb + h.to(tl.int64) * g_sh + (i0 * g_s0 + i1 * g_s1 + i2 * g_s2)
-        acc += tl.load(g_ptr + rows[:, None] + t * g_sk, mask=hit, other=0.0).to(tl.float32)
-    tl.store(partial_ptr + (split * heads + h) * num_bins + r, tl.sum(acc, axis=0), mask=r_mask)
-
-
-def rpb_grad(grad_logits: torch.Tensor, geo: Geometry3) -> torch.Tensor:
-    """dRPB ``[H, *(2k-1)]`` in float32 from the logits gradient ``[B, *spatial, H, K]``.
-
-    Programs sum fixed chunks of (batch, query) rows into partials ``[splits, H, bins]``, which are
-    then added in split order: deterministic, no atomics.
-    """
-    batch, heads = grad_logits.shape[0], grad_logits.shape[-2]
-    bins = tuple(2 * k - 1 for k in geo.kernel_size[3 - geo.ndim:])
-    total = batch * geo.num_tokens
-    splits = max(1, min(triton.cdiv(total, RPB_GRAD_QUERIES_PER_SPLIT), 128))
-    chunk = triton.cdiv(triton.cdiv(total, splits), RPB_GRAD_BLOCK_M) * RPB_GRAD_BLOCK_M
-    partial = torch.empty((splits, heads, geo.rpb_bins), dtype=torch.float32, device=grad_logits.device)
-    if partial.numel() == 0:
-        return partial.new_zeros((heads, *bins))
-    block_r = min(triton.next_power_of_2(geo.rpb_bins), RPB_GRAD_MAX_BLOCK_R)
-    grid = (triton.cdiv(geo.rpb_bins, block_r), heads, splits)
-    require_int32_span(grad_logits)
-    with on_device_of(partial):
-        run_kernel(_rpb_grad_kernel, grid, (grad_logits, partial, *strides6(grad_logits)), dict(
-            N=geo.num_tokens, total=total, chunk=chunk, heads=heads, BLOCK_M=RPB_GRAD_BLOCK_M,
-            BLOCK_R=block_r, **geo.kernel_args()))
-    return partial.sum(0).reshape(heads, *bins)
