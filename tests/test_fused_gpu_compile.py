@@ -13,8 +13,8 @@ the index-layer rework, Triton 3.8.0 bf16 d1 spilled dQ 320 B and dK/dV 108 B, T
 and dK/dV 132 B; ``make kernel-audit-quick``; docs/kernel_audit.md).
 
 At head dims 64 and 128 every candidate the autotuner keeps after pruning (``SPILL_FREE`` in
-kernels/fused/config.py; 18 compiles) is compiled and asserted spill-free: marked ``slow`` (CI runs
-slow tests too; it is the suite's costliest compile test).
+kernels/fused/config.py; 17 cold compiles, about 90 s of CPU) is compiled and asserted spill-free:
+marked ``slow`` (CI runs slow tests too).
 """
 
 import pytest
