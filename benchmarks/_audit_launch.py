@@ -139,6 +139,13 @@ class Launch:
         """The autotune candidates (one for a fixed kernel: its own launch keywords)."""
         return list(getattr(self.kernel, "configs", None) or [])
 
+    @property
+    def candidates(self) -> list:
+        """The candidates this launch's autotuner keeps after its prune hook (all without one)."""
+        if hasattr(self.kernel, "candidates"):
+            return self.kernel.candidates(self.args, self.kwargs)
+        return self.configs
+
     def grid_for(self, meta: dict) -> tuple[int, int, int]:
         grid = self.grid(dict(zip(self.jit_function.arg_names, self.args), **meta)) if callable(self.grid) \
             else self.grid

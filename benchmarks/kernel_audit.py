@@ -72,16 +72,21 @@ def _config_of(launch, config) -> dict:
     """A config as plain JSON: tunable meta-parameters, warps, stages."""
     if config is None:
         return dict(meta={}, num_warps=launch.kwargs.get("num_warps", 4), num_stages=launch.kwargs.get("num_stages"))
-    return dict(meta=dict(config.kwargs), num_warps=config.num_warps, num_stages=config.num_stages)
+    out = dict(meta=dict(config.kwargs), num_warps=config.num_warps, num_stages=config.num_stages)
+    if getattr(config, "maxnreg", None) is not None:
+        out["maxnreg"] = config.maxnreg
+    return out
 
 
 def _default_config(launch, family: Optional[str]):
     """The config the audit calls "default": the tuning table's entry for this launch on ``family``
-    (a shipped ``kernels/tuned/<family>.json``), else the candidate with every tunable block 64,
-    4 warps and the fewest stages (the middle of the candidate list), else the first candidate."""
+    (a shipped ``kernels/tuned/<family>.json``), else, among the candidates the launch's autotuner
+    keeps after its prune hook (``Launch.candidates``: what a GPU launch benchmarks), the one with
+    every tunable block 64, 4 warps and the fewest stages, else the first kept candidate ("only
+    candidate" when one is kept: then a launch runs exactly it)."""
     from kernels import tuning
 
-    configs = launch.configs
+    configs = launch.candidates
     if not configs:
         return None, "fixed"
     if family and hasattr(launch.kernel, "tuning_key"):
@@ -94,7 +99,7 @@ def _default_config(launch, family: Optional[str]):
                  and c.num_warps == DEFAULT_PREFERENCE["num_warps"]]
     if preferred:
         return min(preferred, key=lambda c: c.num_stages), "default"
-    return configs[0], "first candidate"
+    return configs[0], "only candidate" if len(configs) == 1 else "first candidate"
 
 
 def _mma_flops_per_warp(instructions) -> int:
@@ -160,8 +165,12 @@ def worker_compile(job: dict) -> None:
             if job.get("kernels") and name not in job["kernels"]:
                 continue
             default, why = _default_config(launch, job.get("family"))
-            if job.get("all_configs") and launch.configs:
-                selected = [(c, "default" if c is default else "candidate") for c in launch.configs]
+            if job.get("candidates") and launch.configs:  # what the autotuner keeps after pruning
+                selected = [(c, why if c is default else "candidate") for c in launch.candidates]
+            elif job.get("all_configs") and launch.configs:
+                kept = launch.candidates
+                selected = [(c, why if c is default else "candidate" if any(c is k for k in kept) else "pruned")
+                            for c in launch.configs]
                 if default is not None and not any(c is default for c in launch.configs):
                     selected.insert(0, (default, why))
             else:
@@ -556,7 +565,8 @@ def _config_label(row: dict) -> str:
     c = row["config"]
     meta = " ".join(f"{k}={v}" for k, v in c["meta"].items())
     stages = f" s{c['num_stages']}" if c.get("num_stages") is not None else ""
-    return f"{meta} w{c['num_warps']}{stages}".strip()
+    regs = f" maxnreg={c['maxnreg']}" if c.get("maxnreg") is not None else ""
+    return f"{meta} w{c['num_warps']}{stages}{regs}".strip()
 
 
 def _fmt(value, spec="{:.0f}", missing="–") -> str:

@@ -53,6 +53,9 @@ TUNABLE: dict[str, tuple[str, ...]] = {
     "unfused_inverse_sum": ("BLOCK_N",),
 }
 
+# The register ceiling per thread a table may set (``.maxnreg``; 255 is the architecture's cap).
+MIN_MAXNREG, MAX_MAXNREG = 16, 255
+
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
                 torch.float64: "float64"}
 
@@ -150,21 +153,29 @@ KEY_FIELDS = ("kernel", "dtype", "head_dim", "kernel_size", "dilation", "causal"
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """What a table entry launches: the tunable meta-parameters, warps and pipeline stages."""
+    """What a table entry launches: the tunable meta-parameters, warps, pipeline stages and,
+    optionally, a per-thread register ceiling (``maxnreg``: ptxas's ``.maxnreg``; None: ptxas picks)."""
 
     meta: tuple[tuple[str, int], ...]
     num_warps: int
     num_stages: int
+    maxnreg: Optional[int] = None
 
     def to_triton(self) -> triton.Config:
-        return triton.Config(dict(self.meta), num_warps=self.num_warps, num_stages=self.num_stages)
+        return triton.Config(dict(self.meta), num_warps=self.num_warps, num_stages=self.num_stages,
+                             maxnreg=self.maxnreg)
 
     def to_json(self) -> dict:
-        return dict(meta=dict(self.meta), num_warps=self.num_warps, num_stages=self.num_stages)
+        out = dict(meta=dict(self.meta), num_warps=self.num_warps, num_stages=self.num_stages)
+        if self.maxnreg is not None:
+            out["maxnreg"] = self.maxnreg
+        return out
 
     @classmethod
     def from_triton(cls, config: triton.Config) -> "LaunchConfig":
-        return cls(tuple(sorted(config.kwargs.items())), int(config.num_warps), int(config.num_stages))
+        maxnreg = getattr(config, "maxnreg", None)
+        return cls(tuple(sorted(config.kwargs.items())), int(config.num_warps), int(config.num_stages),
+                   None if maxnreg is None else int(maxnreg))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +244,11 @@ def parse_config(where: str, kernel: str, winner) -> LaunchConfig:
         raise TableError(f"{where}.num_warps must be a power-of-two int in [1, 32]; got {warps!r}")
     if not _is_int(stages) or stages < 1:
         raise TableError(f"{where}.num_stages must be an int >= 1; got {stages!r}")
-    return LaunchConfig(tuple(sorted(meta.items())), warps, stages)
+    maxnreg = winner.get("maxnreg")
+    if maxnreg is not None and (not _is_int(maxnreg) or not MIN_MAXNREG <= maxnreg <= MAX_MAXNREG):
+        raise TableError(f"{where}.maxnreg must be null or an int in [{MIN_MAXNREG}, {MAX_MAXNREG}] "
+                         f"(registers per thread); got {maxnreg!r}")
+    return LaunchConfig(tuple(sorted(meta.items())), warps, stages, maxnreg)
 
 
 def parse_table(data: Any, path: str) -> Table:
@@ -371,10 +386,12 @@ class TunedKernel(Autotuner):
     launch hooks (the sweep records launches through them) and autotunes.
     """
 
-    def __init__(self, fn, configs: list, key: list, name: str, key_args: KeyArgs, outputs: tuple[str, ...]):
+    def __init__(self, fn, configs: list, key: list, name: str, key_args: KeyArgs, outputs: tuple[str, ...],
+                 prune: Optional[Callable] = None):
         if name not in TUNABLE:
             raise ValueError(f"TunedKernel: name must be one of {sorted(TUNABLE)}; got {name!r}")
-        super().__init__(fn, fn.arg_names, configs, key, None, None)
+        super().__init__(fn, fn.arg_names, configs, key, None, None,
+                         prune_configs_by={"early_config_prune": prune} if prune is not None else None)
         self.tuning_name = name
         self.key_args = key_args
         self.outputs = outputs  # arguments the kernel writes (what a sweep validates)
@@ -384,6 +401,12 @@ class TunedKernel(Autotuner):
         bound.update(kwargs)
         return self.key_args.key(self.tuning_name, bound)
 
+    def candidates(self, args: tuple, kwargs: dict) -> list:
+        """The configs this launch autotunes over: ``configs`` after the prune hook (if any)."""
+        if self.early_config_prune is None:
+            return list(self.configs)
+        return list(self.early_config_prune(self.configs, dict(zip(self.arg_names, args)), **kwargs))
+
     def run(self, *args, **kwargs):
         if _launch_hooks:
             key = self.tuning_key(args, {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")})
@@ -392,9 +415,11 @@ class TunedKernel(Autotuner):
         return super().run(*args, **kwargs)
 
 
-def autotune(configs: list, key: list, name: str, key_args: KeyArgs, outputs: tuple[str, ...]):
-    """Decorator: ``triton.autotune(configs, key)`` that consults the tuning tables (``TunedKernel``)."""
-    return lambda fn: TunedKernel(fn, configs, key, name, key_args, outputs)
+def autotune(configs: list, key: list, name: str, key_args: KeyArgs, outputs: tuple[str, ...],
+             prune: Optional[Callable] = None):
+    """Decorator: ``triton.autotune(configs, key, prune_configs_by={"early_config_prune": prune})``
+    that consults the tuning tables (``TunedKernel``); a table's entry wins over the pruned list."""
+    return lambda fn: TunedKernel(fn, configs, key, name, key_args, outputs, prune)
 
 
 _SINGLE: dict = {}

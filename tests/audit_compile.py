@@ -23,8 +23,9 @@ def ptxas_available() -> bool:
     return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
 
 
-def compile_rows(cases, base: dict) -> dict:
-    """``{(arch, dtype, dilation): [row, ...]}`` for each case, the default config of every launch.
+def compile_rows(cases, base: dict, candidates: bool = False) -> dict:
+    """``{(arch, dtype, dilation): [row, ...]}`` for each case, the default config of every launch
+    (``candidates``: every config its autotuner keeps after the prune hook).
 
     ptxas -v (spill bytes) runs on sm_90 only: it recompiles the PTX, seconds per kernel.
     """
@@ -35,7 +36,8 @@ def compile_rows(cases, base: dict) -> dict:
     for arch in sorted({c[0] for c in cases}, reverse=True):
         mine = [c for c in cases if c[0] == arch]
         problems = [dict(base, dtype=dtype, dilation=[d] * len(base["spatial"])) for _, dtype, d in mine]
-        job = dict(arch=arch, problems=problems, all_configs=False, kernels=[], family=None, ptxas=arch == 90)
+        job = dict(arch=arch, problems=problems, all_configs=False, candidates=candidates, kernels=[], family=None,
+                   ptxas=arch == 90)
         result = subprocess.run([sys.executable, "-m", "benchmarks.kernel_audit", "--compile-worker"], cwd=ROOT,
                                 env=env, input=json.dumps(job), capture_output=True, text=True, timeout=1800)
         assert result.returncode == 0, result.stderr[-4000:]

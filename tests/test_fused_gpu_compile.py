@@ -11,6 +11,10 @@ interpreter replaces ``triton.jit`` at import time).
 On sm_90, zero spill stores and a ceiling on the SASS per inner-loop iteration are asserted (before
 the index-layer rework, Triton 3.8.0 bf16 d1 spilled dQ 320 B and dK/dV 108 B, Triton 3.6.0 dQ 276 B
 and dK/dV 132 B; ``make kernel-audit-quick``; docs/kernel_audit.md).
+
+At head dims 64 and 128 every candidate the autotuner keeps after pruning (``SPILL_FREE`` in
+kernels/fused/config.py; 17 cold compiles, about 90 s of CPU) is compiled and asserted spill-free:
+marked ``slow`` (CI runs slow tests too).
 """
 
 import pytest
@@ -58,3 +62,24 @@ def test_fused_kernels_compile_as_launched():
                       f"{main['total']} SASS/iter")
             else:
                 assert "HMMA" in opcodes, f"{where}: no mma.sync in the inner loop"
+
+
+# Head dims 64 and 128 (sm_90, bf16, d=1, stage 1): every candidate the autotuner keeps after its
+# prune hook (kernels/fused/config.py, SPILL_FREE) compiles without spills on the installed Triton.
+@pytest.mark.slow
+@pytest.mark.skipif(not ptxas_available(), reason="this Triton build ships no NVIDIA backend/ptxas")
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_kept_candidates_compile_without_spills_at_wide_heads(head_dim):
+    from kernels.fused import config
+
+    case = (90, "bfloat16", 1)
+    rows = compile_rows([case], dict(STAGE1, head_dim=head_dim), candidates=True)[case]
+    names = {"fused_fwd": "fused_fwd", "fused_dq": "fused_bwd_dq", "fused_dkdv": "fused_bwd_dkdv"}
+    for launch, tuning_name in names.items():
+        mine = [r for r in rows if r["launch"] == launch]
+        kept = [(*r["config"]["meta"].values(), r["config"]["num_warps"], r["config"]["num_stages"]) for r in mine]
+        assert kept == list(config.spill_free(tuning_name, head_dim, ieee=False)), (launch, head_dim, kept)
+        for row in mine:
+            where = f"{launch} D{head_dim} {row['config']}"
+            assert row["compiled"], f"{where}: {row.get('error')}"
+            assert row["spill_store_bytes"] == 0, f"{where}: {row['spill_store_bytes']} B of spill stores"

@@ -151,3 +151,21 @@ def test_trip_counter_counts_builtin_and_tl_range_loops():
         exec(code, module)
     assert module["tl"] is tl and "range" not in module
     assert counter.trips == {1: [3], 2: [3, 3, 4]}
+
+
+def test_default_config_is_picked_among_the_candidates_the_autotuner_keeps():
+    from benchmarks.kernel_audit import _default_config
+
+    configs = [triton.Config({"BLOCK_K": b}, num_warps=w, num_stages=s)
+               for b, w, s in ((32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3))]
+
+    class Launch:  # what _default_config reads of a recorded launch
+        kernel = object()
+
+        def __init__(self, kept):
+            self.configs, self.candidates = configs, kept
+
+    assert _default_config(Launch(configs), None) == (configs[1], "default")  # 64 keys, 4 warps, fewest stages
+    assert _default_config(Launch(configs[2:]), None) == (configs[2], "default")  # (64, 4, 2) pruned
+    assert _default_config(Launch([configs[0], configs[3]]), None) == (configs[0], "first candidate")
+    assert _default_config(Launch([configs[3]]), None) == (configs[3], "only candidate")

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import kernels
+import kernels.unfused.rpb_kernels
 from kernels import backends, fused, offsets, reference, tuning, unfused
 from kernels.geometry import NAParams
 
@@ -182,7 +183,7 @@ def _launched_flags(monkeypatch) -> list:
         original(kernel, grid, args, kwargs)
 
     monkeypatch.setattr(tuning, "run_kernel", run_kernel)
-    for module in (kernels.unfused.qk_kernels,):
+    for module in (kernels.unfused.rpb_kernels,):  # rpb_grad calls run_kernel directly
         monkeypatch.setattr(module, "run_kernel", run_kernel)
     return seen
 

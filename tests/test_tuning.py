@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+import triton
 
 import kernels
 from kernels import tuning
@@ -234,3 +235,99 @@ def test_malformed_user_table_fails_the_launch_loudly(shipped_dir, tmp_path, mon
     monkeypatch.setenv(tuning.TABLE_ENV, str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match="missing.json: no such file"):
         tuning.active_table()
+
+
+# ---------------------------------------------------------------------------------------------
+# Autotune candidates pruned per head-dim class (kernels.fused.config.SPILL_FREE)
+
+FUSED_BLOCK_NAMES = {"fused_fwd": "BLOCK_K", "fused_bwd_dq": "BLOCK_K", "fused_bwd_dkdv": "BLOCK_Q"}
+
+
+def _gpu_candidates(name):
+    """The configs a GPU launch of ``name`` starts from (the interpreter's list holds one)."""
+    from kernels.fused import config
+
+    return [triton.Config({FUSED_BLOCK_NAMES[name]: block}, num_warps=warps, num_stages=stages)
+            for block, warps, stages in config.CANDIDATES[name]]
+
+
+def test_spill_free_table_covers_every_fused_kernel_and_head_dim_class():
+    from kernels.fused import config
+
+    for name in FUSED_BLOCK_NAMES:
+        for block_d in (32, 64, 128, 256):
+            survivors = config.spill_free(name, block_d, ieee=False)
+            assert survivors, (name, block_d)  # never pruned to nothing
+            assert set(survivors) <= set(config.CANDIDATES[name]), (name, block_d, survivors)
+
+
+@pytest.mark.parametrize("name", sorted(FUSED_BLOCK_NAMES))
+def test_prune_keeps_the_measured_survivors_of_each_head_dim_class(name):
+    from kernels.fused import config
+
+    prune = config.pruner(name, FUSED_BLOCK_NAMES[name])
+    configs = _gpu_candidates(name)
+    for block_d in (32, 64, 128, 256):
+        kept = prune(configs, {}, BLOCK_D=block_d, IEEE=False, HAS_RPB=True)
+        assert [config.candidate_of(c, FUSED_BLOCK_NAMES[name]) for c in kept] == \
+            [c for c in config.CANDIDATES[name] if c in config.spill_free(name, block_d, False)]
+        assert all(any(c is k for k in configs) for c in kept)  # the autotuner's own objects
+    # A class nothing was measured for (fp32 inputs; 16-wide heads): every candidate stays.
+    assert prune(configs, {}, BLOCK_D=32, IEEE=True) == configs
+    assert prune(configs, {}, BLOCK_D=16, IEEE=False) == configs
+
+
+def test_prune_never_leaves_zero_candidates(monkeypatch):
+    from kernels.fused import config
+
+    prune = config.pruner("fused_fwd", "BLOCK_K")
+    # Configs the table does not list (the interpreter's single one): the safest stays.
+    interp = [triton.Config({"BLOCK_K": 128}, num_warps=4, num_stages=1)]
+    assert prune(interp, {}, BLOCK_D=32, IEEE=False) == interp
+    odd = [triton.Config({"BLOCK_K": b}, num_warps=w, num_stages=1) for b, w in ((128, 4), (16, 2), (16, 8))]
+    assert prune(odd, {}, BLOCK_D=32, IEEE=False) == [odd[2]]
+
+
+def test_fused_kernels_carry_the_prune_hook():
+    from kernels.fused import config
+
+    for label, kernel in _fused_kernels().items():
+        name = kernel.tuning_name
+        assert kernel.early_config_prune is not None, label
+        configs = _gpu_candidates(name)
+        kept = kernel.early_config_prune(configs, {}, BLOCK_D=128, IEEE=False)
+        assert [config.candidate_of(c, FUSED_BLOCK_NAMES[name]) for c in kept] == \
+            list(config.spill_free(name, 128, False))
+    # TunedKernel.candidates: what a launch benchmarks (the audit's "default" is picked from it).
+    kernel = fused_fwd.na_fwd_kernel
+    assert kernel.candidates((), dict(BLOCK_D=64, IEEE=False)) == kernel.configs  # interpreter: one config
+
+
+def test_a_table_entry_wins_over_the_pruned_candidates(shipped_dir, monkeypatch):
+    from kernels.fused import config
+
+    # Prune every head-dim class of this problem (D=16: BLOCK_D 16) down to (32, 4, 2): a table
+    # entry still launches its own config (a one-config kernel that is never pruned).
+    for name in FUSED_BLOCK_NAMES:
+        monkeypatch.setitem(config.SPILL_FREE, (name, "fp32", 16), ((32, 4, 2),))
+    _write(shipped_dir / "cpu.json", _table([(_key("fused_fwd"), {"BLOCK_K": 64}, 8, 3)]))
+    spy = LaunchSpy(monkeypatch, **_fused_kernels())
+    _run_na("fused")
+    assert spy.launched["fwd"] == [{"BLOCK_K": 64, "num_warps": 8, "num_stages": 3}]
+    # A miss: the autotuner, whose single interpreter config is not in the table, keeps it.
+    assert spy.launched["dq"] == [{"BLOCK_K": 128, "num_warps": 4, "num_stages": 1}]
+
+
+def test_launch_config_carries_a_register_ceiling(tmp_path):
+    entry = _good_entry(winner=dict(meta={"BLOCK_K": 64}, num_warps=4, num_stages=2, maxnreg=128))
+    table = tuning.load_table(_write(tmp_path / "t.json", dict(tuning.empty_table_json("cpu"), entries=[entry])))
+    config = table.lookup(_key("fused_fwd"))
+    assert config == tuning.LaunchConfig((("BLOCK_K", 64),), 4, 2, 128)
+    assert config.to_triton().maxnreg == 128 and tuning.LaunchConfig.from_triton(config.to_triton()) == config
+    assert config.to_json()["maxnreg"] == 128
+    plain = tuning.LaunchConfig((("BLOCK_K", 64),), 4, 2)
+    assert "maxnreg" not in plain.to_json() and plain.to_triton().maxnreg is None
+    bad = dict(tuning.empty_table_json("cpu"), entries=[_good_entry(
+        winner=dict(meta={"BLOCK_K": 64}, num_warps=4, num_stages=2, maxnreg=1000))])
+    with pytest.raises(ValueError, match=r"winner\.maxnreg must be null or an int in \[16, 255\]"):
+        tuning.load_table(_write(tmp_path / "bad.json", bad))

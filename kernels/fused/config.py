@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Optional
 
 import triton
 
@@ -24,16 +25,80 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _configs(block_name: str) -> list[triton.Config]:
+# Autotune candidates of the fused kernels: (halo block, warps, pipeline stages). 128-entry blocks
+# take 8 warps: with 4, the dQ kernel spills on Triton 3.6 even at head_dim 32. The forward has no
+# 64-key, 4-warp, 2-stage candidate: on Triton 3.6 it needs 138 registers at the undilated
+# DiNAT-tiny layers (3 programs per SM) where the 3-stage one compiles to 128 (4 per SM) with the
+# same loop (617 against 615 SASS per iteration) -- and a 128-register ceiling (``maxnreg``) on the
+# 2-stage one spills on Triton 3.8 (docs/kernel_audit.md, "Forward registers").
+CANDIDATES: dict[str, tuple[tuple[int, int, int], ...]] = {
+    "fused_fwd": ((32, 4, 2), (64, 4, 3), (64, 8, 3), (128, 8, 2)),
+    "fused_bwd_dq": ((32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 8, 2)),
+    "fused_bwd_dkdv": ((32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 8, 2)),
+}
+
+
+def _configs(block_name: str, tuning_name: str) -> list[triton.Config]:
     if interpreted():
         # The interpreter runs every config it is given: exactly one.
         return [triton.Config({block_name: 128}, num_warps=4, num_stages=1)]
-    # 128-entry blocks take 8 warps: with 4, the dQ kernel spills on Triton 3.6 even at head_dim 32
-    # (1.1 KB of stack per thread; docs/kernel_audit.md).
-    return [
-        triton.Config({block_name: block}, num_warps=warps, num_stages=stages)
-        for block, warps, stages in ((32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 8, 2))
-    ]
+    return [triton.Config({block_name: block}, num_warps=warps, num_stages=stages)
+            for block, warps, stages in CANDIDATES[tuning_name]]
+
+
+def candidate_of(config: triton.Config, block_name: str) -> tuple[int, int, int]:
+    return config.kwargs.get(block_name), config.num_warps, config.num_stages
+
+
+def spill_free(tuning_name: str, block_d: int, ieee: bool) -> Optional[tuple[tuple[int, int, int], ...]]:
+    """The measured survivors of ``tuning_name`` at head-dim class ``block_d`` (16-bit inputs, or
+    fp32 when ``ieee``), or None where nothing was measured (then every candidate stays)."""
+    return SPILL_FREE.get((tuning_name, "fp32" if ieee else "16-bit", block_d))
+
+
+# Which candidates compile without spills (ptxas -v: 0 spill-store bytes) on BOTH Triton 3.6.0 (the
+# GPU image) and 3.8.0 (installed), sm_90, per (kernel, input class, BLOCK_D). Measured with
+#   python -m benchmarks.kernel_audit --triton both --backends fused --all-configs
+#       --shape spatial=56x56,heads=2,head_dim=<D>,kernel=7,dilation=1
+# (DiNAT-tiny stage 1, bf16, RPB, q/k/v views of one qkv projection) on 2026-12-02, D = 32, 64,
+# 128, 256; docs/kernel_audit.md, "Autotune candidates per head dim". A class without any
+# spill-free candidate keeps the one that spilled least. fp32 inputs, and head dims <= 16, were not
+# measured: every candidate stays there.
+SPILL_FREE: dict[tuple[str, str, int], tuple[tuple[int, int, int], ...]] = {
+    ("fused_fwd", "16-bit", 32): ((32, 4, 2), (64, 4, 3), (64, 8, 3), (128, 8, 2)),
+    ("fused_fwd", "16-bit", 64): ((32, 4, 2), (64, 4, 3), (64, 8, 3), (128, 8, 2)),
+    ("fused_fwd", "16-bit", 128): ((32, 4, 2), (64, 4, 3), (64, 8, 3), (128, 8, 2)),
+    ("fused_fwd", "16-bit", 256): ((64, 8, 3),),
+    ("fused_bwd_dq", "16-bit", 32): ((32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3)),
+    ("fused_bwd_dq", "16-bit", 64): ((32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3)),
+    # (32, 4, 2) is spill-free at d=1 but spills 4 B on Triton 3.8.0 at d=8 (the head-dim report).
+    ("fused_bwd_dq", "16-bit", 128): ((64, 8, 3),),
+    ("fused_bwd_dq", "16-bit", 256): ((64, 8, 3),),
+    ("fused_bwd_dkdv", "16-bit", 32): ((32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3)),
+    ("fused_bwd_dkdv", "16-bit", 64): ((32, 4, 2), (64, 4, 2), (64, 8, 3)),
+    ("fused_bwd_dkdv", "16-bit", 128): ((64, 8, 3),),
+    ("fused_bwd_dkdv", "16-bit", 256): ((64, 8, 3),),  # none spill-free: least (144 B / 128 B)
+}
+
+
+def pruner(tuning_name: str, block_name: str):
+    """The autotuner's ``early_config_prune``: the candidates that compile without spills for this
+    launch's head-dim class and dtype (``SPILL_FREE``), never none.
+
+    It reads only the launch's constexpr keywords (``BLOCK_D``, and ``IEEE``, set exactly for fp32
+    inputs), plain ints and bools, so ``torch.compile`` can trace it too.
+    """
+
+    def early_config_prune(configs, named_args, **kwargs):
+        survivors = spill_free(tuning_name, kwargs.get("BLOCK_D"), bool(kwargs.get("IEEE")))
+        if survivors is None:
+            return configs
+        kept = [c for c in configs if candidate_of(c, block_name) in survivors]
+        # Configs the table does not list (the interpreter's single one): keep the safest, the
+        # smallest block on the most warps.
+        return kept or [min(configs, key=lambda c: (c.kwargs.get(block_name), -c.num_warps, c.num_stages))]
+
+    return early_config_prune
 
 
 # Where the fused kernels keep the fields of a tuning-table key (see kernels.tuning).
@@ -50,8 +115,9 @@ def autotuned(kernel, block_name: str, tuning_name: str, outputs: tuple[str, ...
     to compile with OutOfResources, which the autotuner scores as infinitely slow; the 32-key
     config always fits.
     """
-    return tuning.autotune(configs=_configs(block_name), key=AUTOTUNE_KEY, name=tuning_name,
-                           key_args=TUNING_KEY_ARGS, outputs=outputs)(kernel)
+    return tuning.autotune(configs=_configs(block_name, tuning_name), key=AUTOTUNE_KEY, name=tuning_name,
+                           key_args=TUNING_KEY_ARGS, outputs=outputs,
+                           prune=pruner(tuning_name, block_name))(kernel)
 
 
 # Rows of head_dim * element size above this get half-size tiles: a 64-row fp32 tile of 256-wide
