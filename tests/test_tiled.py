@@ -65,6 +65,30 @@ def test_gradcheck_float64_dilated_uneven_with_rpb_and_causal():
                                     (q, k, v), fast_mode=True)
 
 
+@settings(max_examples=15, deadline=None)
+@given(p=problems(max_tokens=128, rpb=True))
+def test_fused_sdpa_path_with_a_frozen_rpb_matches_brute_force(p):
+    """Without an lse and without an rpb gradient, the tiles go through scaled_dot_product_attention
+    (the fused path), the q/k/v gradients through its backward; an rpb gradient takes the other path."""
+    q, k, v, rpb = p.tensors(torch.float64, requires_grad=True, seed=8)
+    rpb = None if rpb is None else rpb.detach()  # even kernels and causal axes take no rpb
+    calls = []
+    original = tiled.F.scaled_dot_product_attention
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tiled.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+        got = NA[p.ndim](q, k, v, rpb=rpb, backend="tiled", **_args(p))
+        assert calls, "the fused path was not taken"
+        if rpb is not None:
+            calls.clear()
+            NA[p.ndim](q, k, v, rpb=rpb.detach().requires_grad_(True), backend="tiled", **_args(p))
+            assert not calls
+    want = dense_na(q, k, v, p.kernel_size, p.dilation, p.is_causal, rpb)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    grad_out = torch.randn_like(got)
+    for name, g, e in zip("qkv", torch.autograd.grad(got, (q, k, v), grad_out), torch.autograd.grad(want, (q, k, v), grad_out)):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
+
+
 def test_strided_and_non_contiguous_inputs():
     qkv = torch.randn(2, 9, 11, 3, 2, 8)  # a fused qkv projection, unbound: strided views
     q, k, v = qkv.unbind(3)
