@@ -4,6 +4,10 @@ and "auto" choosing it wherever the Triton backends do not run."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -179,6 +183,19 @@ def test_auto_picks_tiled_without_triton_and_the_reference_for_qk_av():
     assert "tiled" in kernels.available_backends("cpu")
     with pytest.raises(ValueError, match=r"backend='tiled' is unavailable for tensors on cpu: it has no separate qk op"):
         kernels.na2d_qk(torch.randn(1, 5, 5, 1, 2), torch.randn(1, 5, 5, 1, 2), 3, backend="tiled")
+
+
+def test_benchmarking_switch_makes_auto_run_the_reference_in_every_process():
+    """benchmarks/reference_auto (a sitecustomize on PYTHONPATH) gives the "before issue 13" auto
+    choice for before/after timings; without it auto is tiled."""
+    repo = Path(__file__).resolve().parents[1]
+    probe = "import torch, kernels; print(kernels.backends.resolve('auto', torch.device('cpu')).__name__)"
+    for path, expected in ((f"{repo}{os.pathsep}{repo / 'benchmarks' / 'reference_auto'}", "kernels.reference"),
+                           (str(repo), "kernels.tiled")):
+        out = subprocess.run([sys.executable, "-c", probe], cwd=repo, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PYTHONPATH": path})
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == expected
 
 
 def test_auto_on_cuda_falls_back_to_tiled_after_the_triton_backends(monkeypatch):
