@@ -38,8 +38,9 @@ from .geometry import NAParams, tile_tables
 
 __all__ = ["na", "unavailable_reason", "tile_shape"]
 
-# Elements of one chunk's [tile, halo] logits (float32: 4 bytes each). Bounds memory and keeps the
-# working set near the caches; measured on a 2-core CPU, 2**21..2**23 are equally fast.
+# Elements of one chunk's largest temporary (float32: 4 bytes each): the [tile, halo] logits, or on
+# the fused path the gathered halo keys. Bounds memory and keeps the working set near the caches;
+# measured on a 2-core CPU (logits), 2**21..2**23 are equally fast.
 CHUNK_ELEMENTS = 2**22
 
 

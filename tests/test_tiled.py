@@ -141,6 +141,17 @@ def test_torch_compile_fullgraph_matches_eager():
     for got, want in zip(outputs_and_grads(compiled), outputs_and_grads(attention)):
         torch.testing.assert_close(got, want)
 
+    def fused_attention(q, k, v, rpb):  # no lse, frozen rpb: the scaled_dot_product_attention path
+        return kernels.na2d(q, k, v, 3, (2, 3), rpb=rpb.detach(), backend="tiled")
+
+    def output_and_qkv_grads(fn):
+        out = fn(q, k, v, rpb)
+        return [out, *torch.autograd.grad(out.sum(), (q, k, v))]
+
+    compiled = torch.compile(fused_attention, fullgraph=True, backend="aot_eager")
+    for got, want in zip(output_and_qkv_grads(compiled), output_and_qkv_grads(fused_attention)):
+        torch.testing.assert_close(got, want)
+
 
 # --- the tables -------------------------------------------------------------------------------
 
