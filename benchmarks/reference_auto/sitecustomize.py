@@ -7,7 +7,9 @@ need no code change::
     PYTHONPATH=. python train.py                                  # after:  auto -> tiled
 
 Python imports the first ``sitecustomize`` module on ``sys.path`` at start-up; this one only
-swaps the registry's default order.
+swaps the registry's default order. It imports ``kernels`` (and Triton) at start-up, before
+``tests/conftest.py`` can set ``TRITON_INTERPRET=1``: the Triton backends' CPU tests do not run
+under it (for timing only).
 """
 
 import kernels.backends
