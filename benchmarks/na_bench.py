@@ -25,6 +25,7 @@ import functools
 import math
 import platform
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -190,7 +191,7 @@ def build_candidate(name: str, shape: Shape, device: torch.device, flex_compile:
 
         def run_flex(q, k, v, rpb):
             if device.type == "cpu" and q.requires_grad:
-                raise Unsupported("FlexAttention has no CPU backward")
+                raise Unsupported(f"FlexAttention has no CPU backward (eager or compiled, torch {torch.__version__})")
             return flex(q, k, v, rpb)
 
         run_flex.computed_block_fraction = flex.computed_block_fraction()
@@ -318,6 +319,7 @@ class Result:
     speedup: Optional[float] = None
     unchecked_because: str = ""  # set when this shape was to be checked but the reference failed
     block_fraction: Optional[float] = None  # flex only: share of block-mask tiles computed
+    compile_s: Optional[float] = None  # compiled flex: building it plus its first call (not in ms)
 
     @property
     def tflops(self) -> Optional[float]:
@@ -334,11 +336,13 @@ def run_benchmark(shapes: Sequence[Shape], candidates: Sequence[str], modes: Seq
     after each shape (speed-ups filled in), so a run cut short still leaves its finished rows."""
     results: list[Result] = []
     wrong: dict[str, str] = {}  # candidate -> why it is no longer timed
+    compile_seconds: dict[str, float] = {}  # shape label -> compiled flex's build + first call
     flex_compile = {"auto": None, "on": True, "off": False}[args.flex_compile]
+    flex_compiled = device.type == "cuda" if flex_compile is None else flex_compile
     rpb_dtype = DTYPES[args.rpb_dtype] if args.rpb_dtype != "same" else dtype
     for index, shape in enumerate(shapes):
         check_this = args.check == "all" or (args.check == "first" and index == 0)
-        if "flex" in candidates and device.type == "cuda":
+        if "flex" in candidates and flex_compiled:
             # Every shape compiles its own masks (and every new rpb leaf its own score_mod): start
             # each shape with an empty cache, so dynamo never hits its recompile limit and silently
             # falls back to eager (dense) flex_attention.
@@ -362,8 +366,18 @@ def run_benchmark(shapes: Sequence[Shape], candidates: Sequence[str], modes: Seq
                     continue
                 try:
                     if name not in built:
+                        started = time.perf_counter()
                         built[name] = build_candidate(name, shape, device, flex_compile)
+                        if name == "flex" and flex_compiled:
+                            # Compile (block mask, then the attention on its first call) outside the
+                            # timed calls; reported on its own.
+                            q, k, v, rpb, _ = inputs
+                            with torch.no_grad():
+                                built[name](q, k, v, rpb)
+                            sync(device)
+                            compile_seconds[shape.label] = time.perf_counter() - started
                     fn = built[name]
+                    result.compile_s = compile_seconds.get(shape.label) if name == "flex" else None
                     result.block_fraction = getattr(fn, "computed_block_fraction", None)
                     if reference is not None and name != "sdpa":
                         result.max_err, result.err_ok = check_against_reference(fn, mode, inputs, reference,
@@ -474,6 +488,10 @@ def markdown_table(results: Sequence[Result], env: dict[str, str], args, candida
     if fractions:
         lines += ["", "flex block mask, share of 128x128 (query, key) tiles computed (the rest are skipped): "
                   + "; ".join(f"{label}: {fraction:.1%}" for label, fraction in fractions.items())]
+    compiles = {r.shape.label: r.compile_s for r in results if r.compile_s is not None}
+    if compiles:
+        lines += ["", "compiled flex, building it (block mask) plus its first call (compilation), not in the "
+                  "times above: " + "; ".join(f"{label}: {s:.1f} s" for label, s in compiles.items())]
     return "\n".join(lines) + "\n"
 
 

@@ -8,12 +8,17 @@ Per call:
   divides the axis they all have one length; otherwise the first ``L % d`` are one token longer,
   so there are at most two sub-grid lengths per axis, each batched on its own.
 * Each sub-grid's queries are cut into tiles; a tile's windows all lie in one box of keys (its
-  halo). Keys and values of every halo are gathered once (``index_select``), then logits, softmax
-  and the weighted sum are batched matmuls over ``[tile, halo]`` blocks. Keys of the halo outside a
+  halo). Queries, keys and values of every tile are gathered once, as one ``index_select`` of
+  contiguous ``head_dim`` rows of the heads-last input (no transposed copy first), straight into
+  the ``[batch, heads, tiles, rows, head_dim]`` layout of the attention. Keys of the halo outside a
   query's window get ``-inf`` through an additive bias, which also carries the relative position
   bias: ``rpb`` gathered to ``[heads, tiles, tile, halo]`` through a per-shape index table cached in
   ``geometry.tile_tables`` (the window rule stays written once).
-* The work is chunked over batch x sub-grids so the ``[tile, halo]`` logits stay bounded.
+* The attention of each tile to its halo is PyTorch's ``scaled_dot_product_attention`` with that
+  bias as the mask (fused kernels: the ``[tile, halo]`` logits are never materialised), unless an
+  lse or the rpb's gradient is asked for, which that op does not give: then logits, softmax and
+  the weighted sum are batched matmuls, differentiated by autograd.
+* The work is chunked over batch x sub-grids so the largest temporary stays bounded.
 
 Computation happens in float32 (float64 for float64 inputs), like ``kernels.reference``; outputs
 come back in the input dtype, the log-sum-exp in float32. Only ``na`` is provided: the separate
@@ -22,18 +27,20 @@ come back in the input dtype, the log-sum-exp in float32. Only ``na`` is provide
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
 import torch
 import torch.nn.functional as F
 
-from .geometry import NAParams, TileTables, tile_tables
+from .geometry import NAParams, tile_tables
 
 __all__ = ["na", "unavailable_reason", "tile_shape"]
 
-# Elements of one chunk's [tile, halo] logits (float32: 4 bytes each). Bounds memory and keeps the
-# working set near the caches; measured on a 2-core CPU, 2**21..2**23 are equally fast.
+# Elements of one chunk's largest temporary (float32: 4 bytes each): the [tile, halo] logits, or on
+# the fused path the gathered halo keys. Bounds memory and keeps the working set near the caches;
+# measured on a 2-core CPU (logits), 2**21..2**23 are equally fast.
 CHUNK_ELEMENTS = 2**22
 
 
@@ -56,57 +63,90 @@ def tile_shape(spatial, kernel_size) -> tuple[int, ...]:
 
 
 @torch.compiler.assume_constant_result
-def _cached_tables(spatial: tuple, kernel_size: tuple, is_causal: tuple, device: torch.device) -> tuple:
+def _cached_tables(spatial: tuple, kernel_size: tuple, is_causal: tuple, heads: int, device: torch.device) -> tuple:
     # Opaque to torch.compile: called while tracing, its tensors enter the graph as constants
     # (tracing the table construction itself would be slow and is not needed).
+    return _row_tables(spatial, kernel_size, is_causal, heads, device)
+
+
+@functools.lru_cache(maxsize=128)
+def _row_tables(spatial: tuple, kernel_size: tuple, is_causal: tuple, heads: int, device: torch.device) -> tuple:
+    """``geometry.tile_tables`` as rows of the ``[batch, tokens * heads, head_dim]`` view of a
+    heads-last tensor, so that each gather is one ``index_select`` of contiguous rows straight into
+    (or out of) the ``[batch, heads, tiles, rows, head_dim]`` layout the batched matmuls take:
+    ``query_rows``/``halo_rows`` ``[heads * tiles * rows]``, ``output_rows`` ``[tokens * heads]``
+    (the tiled row of each token and head) and ``bias_rows`` ``[heads, tiles, tile, halo]`` (into
+    the flattened ``[heads, num_rpb + 1]`` bias table whose last column is ``-inf``)."""
     t = tile_tables(spatial, kernel_size, is_causal, tile_shape(spatial, kernel_size), device)
-    return t.query_index, t.halo_index, t.bias_index, t.output_index, t.num_rpb
+    head = torch.arange(heads, device=device)
+    query_rows = (t.query_index[None, :] * heads + head[:, None]).reshape(-1)
+    halo_rows = (t.halo_index[None, :] * heads + head[:, None]).reshape(-1)
+    output_rows = (head[None, :] * t.query_index.numel() + t.output_index[:, None]).reshape(-1)
+    bias_rows = head.view(-1, 1, 1, 1) * (t.num_rpb + 1) + t.bias_index
+    return query_rows, halo_rows, output_rows, bias_rows, t.num_rpb
 
 
-def _tables(spatial, params: NAParams, like: torch.Tensor) -> TileTables:
-    """The tables of this sub-grid shape, cached per shape and device."""
+def _attend(q, k, v, spatial, params: NAParams, rpb, scale: float, return_lse: bool):
+    """Undilated NA on heads-last ``[batch, N, heads, D]`` -> output ``[batch, N, heads, D]``, and
+    lse ``[batch, N, heads]`` or None."""
+    batch, tokens, heads, head_dim = q.shape
     spatial = tuple(int(s) for s in spatial)
-    return TileTables(*_cached_tables(spatial, params.kernel_size, params.is_causal, like.device))
-
-
-def _attend(q, k, v, spatial, params: NAParams, rpb, return_lse: bool):
-    """Undilated NA on ``[batch, heads, N, D]`` (queries pre-scaled) -> output, and lse or None."""
-    tables = _tables(spatial, params, q)
-    batch, heads, _, head_dim = q.shape
-    tiles, tile, halo = tables.num_tiles, tables.tile_size, tables.halo_size
+    query_rows, halo_rows, output_rows, bias_rows, num_rpb = _cached_tables(
+        spatial, params.kernel_size, params.is_causal, heads, q.device)
+    _, tiles, tile, halo = bias_rows.shape
     if rpb is not None:
         table = rpb.reshape(heads, -1).to(q.dtype)
         table = torch.cat([table, table.new_full((heads, 1), float("-inf"))], 1)
-        bias = table[:, tables.bias_index]  # [heads, tiles, tile, halo]
+        bias = table.view(-1).index_select(0, bias_rows.view(-1)).view(heads * tiles, tile, halo)
     else:
         zero = torch.zeros((), dtype=q.dtype, device=q.device)
-        bias = torch.where(tables.bias_index == tables.num_rpb, float("-inf"), zero)  # [tiles, tile, halo]
+        bias = torch.where(bias_rows[0] == num_rpb, float("-inf"), zero)  # [tiles, tile, halo]
+    # Fused: each tile is one "head" of scaled_dot_product_attention with the bias as its additive
+    # mask (PyTorch's flash kernels never materialise the [tile, halo] logits). Those kernels do not
+    # return a differentiable lse nor a gradient for the mask, so an lse, or an rpb that needs its
+    # gradient, takes the explicit matmul/softmax path, differentiated by autograd.
+    fused = not return_lse and not (bias.requires_grad and torch.is_grad_enabled())
+    q, k, v = (x.reshape(batch, tokens * heads, head_dim) for x in (q, k, v))
     # One tile holding the whole map (a small sub-grid, e.g. 7x7 under dilation 8 at 56x56): its
-    # queries and halo are the map itself, in order, so nothing needs gathering.
-    whole_map = tiles == 1 and tile == halo == q.shape[2]
+    # queries and halo are the map itself, in order, so a transpose replaces the row gathers (and
+    # their scatter-add backward).
+    whole_map = tiles == 1 and tile == halo == tokens
 
-    def gather(x, index, rows):
-        x = x if whole_map else x.index_select(2, index)
-        return x.view(x.shape[0], heads, tiles, rows, x.shape[-1])
+    def gather(x, rows, size):
+        if whole_map:
+            return x.view(x.shape[0], tokens, heads, head_dim).transpose(1, 2).unsqueeze(2)
+        return x.index_select(1, rows).view(x.shape[0], heads, tiles, size, head_dim)
 
     def untile(x):
-        x = x.reshape(x.shape[0], heads, tiles * tile, x.shape[-1])
-        return x if whole_map else x.index_select(2, tables.output_index)
+        if whole_map:
+            return x.reshape(-1, heads, tokens, x.shape[-1]).transpose(1, 2).reshape(-1, tokens * heads, x.shape[-1])
+        return x.reshape(-1, heads * tiles * tile, x.shape[-1]).index_select(1, output_rows)
 
-    chunk = max(1, CHUNK_ELEMENTS // (heads * tiles * tile * halo))
+    # Bound the chunk's largest temporary: the logits, or (fused) the gathered halo keys.
+    per_batch = heads * tiles * halo * (head_dim if fused else tile)
+    chunk = max(1, CHUNK_ELEMENTS // per_batch)
     outs, lses = [], []
     for start in range(0, batch, chunk):
         qc, kc, vc = (x[start:start + chunk] for x in (q, k, v))
-        q_tiles = gather(qc, tables.query_index, tile)
-        k_halo, v_halo = gather(kc, tables.halo_index, halo), gather(vc, tables.halo_index, halo)
-        logits = torch.matmul(q_tiles, k_halo.transpose(-1, -2)) + bias
+        q_tiles = gather(qc, query_rows, tile)
+        k_halo, v_halo = gather(kc, halo_rows, halo), gather(vc, halo_rows, halo)
+        if fused:
+            # [chunk, heads, tiles, rows, D] as [chunk * heads * tiles / groups, groups, rows, D],
+            # groups matching the mask's first dimension (heads * tiles with rpb, tiles without).
+            groups = bias.shape[0]
+            q_tiles, k_halo, v_halo = (x.reshape(-1, groups, *x.shape[-2:]) for x in (q_tiles, k_halo, v_halo))
+            out = F.scaled_dot_product_attention(q_tiles, k_halo, v_halo, scale=scale,
+                                                 attn_mask=bias.expand(q_tiles.shape[0], -1, -1, -1))
+            outs.append(untile(out).view(-1, tokens, heads, head_dim))
+            continue
+        logits = torch.matmul(q_tiles * scale, k_halo.transpose(-1, -2)) + bias.view(-1, tiles, tile, halo)
         if return_lse:
             lse = torch.logsumexp(logits, -1, keepdim=True)
             weights = torch.exp(logits - lse)
-            lses.append(untile(lse).squeeze(-1))
+            lses.append(untile(lse).view(-1, tokens, heads))
         else:
             weights = torch.softmax(logits, -1)
-        outs.append(untile(torch.matmul(weights, v_halo)))
+        outs.append(untile(torch.matmul(weights, v_halo)).view(-1, tokens, heads, head_dim))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     lse = None if not return_lse else (lses[0] if len(lses) == 1 else torch.cat(lses))
     return out, lse
@@ -131,24 +171,23 @@ def na(query, key, value, params: NAParams, rpb=None, scale: float = 1.0, return
     lengths, classes = _sub_grids(spatial, dilation)
     undilated = NAParams(params.kernel_size, (1,) * ndim, params.is_causal)
 
-    # [B, *L, H, D] -> [B, *d, H, *S, D]: sub-grid g of an axis holds tokens g, g + d, g + 2d, ...
+    # [B, *L, H, D] -> [B, *d, *S, H, D]: sub-grid g of an axis holds tokens g, g + d, g + 2d, ...
+    # (heads stay next to the head dim: for d = 1 this is a view of the input, no copy).
     split = [batch]
     for length, d in zip(lengths, dilation):
         split += [length, d]
-    order = [0, *(2 + 2 * a for a in range(ndim)), 2 * ndim + 1, *(1 + 2 * a for a in range(ndim)), 2 * ndim + 2]
+    order = [0, *(2 + 2 * a for a in range(ndim)), *(1 + 2 * a for a in range(ndim)), 2 * ndim + 1, 2 * ndim + 2]
     padding = []
     for size, length, d in zip(reversed(spatial), reversed(lengths), reversed(dilation)):
         padding += [0, length * d - size]
 
-    def to_sub_grids(x, factor=None):
+    def to_sub_grids(x):
         x = x.to(dtype)
-        if factor is not None:
-            x = x * factor
         if any(padding):
             x = F.pad(x, [0, 0, 0, 0, *padding])
         return x.view(*split, heads, head_dim).permute(order)
 
-    q, k, v = to_sub_grids(query, scale), to_sub_grids(key), to_sub_grids(value)
+    q, k, v = to_sub_grids(query), to_sub_grids(key), to_sub_grids(value)
     single = all(len(c) == 1 for c in classes)
     out = lse = None
     if not single:
@@ -157,10 +196,10 @@ def na(query, key, value, params: NAParams, rpb=None, scale: float = 1.0, return
     for combo in itertools.product(*classes):
         groups = [g for g, _ in combo]
         sub_spatial = [n for _, n in combo]
-        where = (slice(None), *groups, slice(None), *(slice(0, n) for n in sub_spatial))
-        gathered = [x[where].reshape(-1, heads, math.prod(sub_spatial), head_dim) for x in (q, k, v)]
-        o, l = _attend(*gathered, sub_spatial, undilated, rpb, return_lse)
-        shape = [batch, *(g.stop - g.start for g in groups), heads, *sub_spatial]
+        where = (slice(None), *groups, *(slice(0, n) for n in sub_spatial))
+        gathered = [x[where].reshape(-1, math.prod(sub_spatial), heads, head_dim) for x in (q, k, v)]
+        o, l = _attend(*gathered, sub_spatial, undilated, rpb, scale, return_lse)
+        shape = [batch, *(g.stop - g.start for g in groups), *sub_spatial, heads]
         if single:
             out, lse = o.view(*shape, head_dim), None if l is None else l.view(shape)
         else:

@@ -4,6 +4,10 @@ and "auto" choosing it wherever the Triton backends do not run."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -65,6 +69,30 @@ def test_gradcheck_float64_dilated_uneven_with_rpb_and_causal():
                                     (q, k, v), fast_mode=True)
 
 
+@settings(max_examples=15, deadline=None)
+@given(p=problems(max_tokens=128, rpb=True))
+def test_fused_sdpa_path_with_a_frozen_rpb_matches_brute_force(p):
+    """Without an lse and without an rpb gradient, the tiles go through scaled_dot_product_attention
+    (the fused path), the q/k/v gradients through its backward; an rpb gradient takes the other path."""
+    q, k, v, rpb = p.tensors(torch.float64, requires_grad=True, seed=8)
+    rpb = None if rpb is None else rpb.detach()  # even kernels and causal axes take no rpb
+    calls = []
+    original = tiled.F.scaled_dot_product_attention
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tiled.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+        got = NA[p.ndim](q, k, v, rpb=rpb, backend="tiled", **_args(p))
+        assert calls, "the fused path was not taken"
+        if rpb is not None:
+            calls.clear()
+            NA[p.ndim](q, k, v, rpb=rpb.detach().requires_grad_(True), backend="tiled", **_args(p))
+            assert not calls
+    want = dense_na(q, k, v, p.kernel_size, p.dilation, p.is_causal, rpb)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    grad_out = torch.randn_like(got)
+    for name, g, e in zip("qkv", torch.autograd.grad(got, (q, k, v), grad_out), torch.autograd.grad(want, (q, k, v), grad_out)):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
+
+
 def test_strided_and_non_contiguous_inputs():
     qkv = torch.randn(2, 9, 11, 3, 2, 8)  # a fused qkv projection, unbound: strided views
     q, k, v = qkv.unbind(3)
@@ -113,6 +141,17 @@ def test_torch_compile_fullgraph_matches_eager():
     for got, want in zip(outputs_and_grads(compiled), outputs_and_grads(attention)):
         torch.testing.assert_close(got, want)
 
+    def fused_attention(q, k, v, rpb):  # no lse, frozen rpb: the scaled_dot_product_attention path
+        return kernels.na2d(q, k, v, 3, (2, 3), rpb=rpb.detach(), backend="tiled")
+
+    def output_and_qkv_grads(fn):
+        out = fn(q, k, v, rpb)
+        return [out, *torch.autograd.grad(out.sum(), (q, k, v))]
+
+    compiled = torch.compile(fused_attention, fullgraph=True, backend="aot_eager")
+    for got, want in zip(output_and_qkv_grads(compiled), output_and_qkv_grads(fused_attention)):
+        torch.testing.assert_close(got, want)
+
 
 # --- the tables -------------------------------------------------------------------------------
 
@@ -155,6 +194,19 @@ def test_auto_picks_tiled_without_triton_and_the_reference_for_qk_av():
     assert "tiled" in kernels.available_backends("cpu")
     with pytest.raises(ValueError, match=r"backend='tiled' is unavailable for tensors on cpu: it has no separate qk op"):
         kernels.na2d_qk(torch.randn(1, 5, 5, 1, 2), torch.randn(1, 5, 5, 1, 2), 3, backend="tiled")
+
+
+def test_benchmarking_switch_makes_auto_run_the_reference_in_every_process():
+    """benchmarks/reference_auto (a sitecustomize on PYTHONPATH) gives the "before issue 13" auto
+    choice for before/after timings; without it auto is tiled."""
+    repo = Path(__file__).resolve().parents[1]
+    probe = "import torch, kernels; print(kernels.backends.resolve('auto', torch.device('cpu')).__name__)"
+    for path, expected in ((f"{repo}{os.pathsep}{repo / 'benchmarks' / 'reference_auto'}", "kernels.reference"),
+                           (str(repo), "kernels.tiled")):
+        out = subprocess.run([sys.executable, "-c", probe], cwd=repo, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PYTHONPATH": path})
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == expected
 
 
 def test_auto_on_cuda_falls_back_to_tiled_after_the_triton_backends(monkeypatch):
