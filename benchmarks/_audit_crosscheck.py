@@ -64,8 +64,10 @@ def compile_forward(dilation: int, arch: int = 90):
         return (s[0], 0, *s[1:])
 
     tile_h = tile_w = 8 if dilation == 1 else 8  # config.tile_shape: 8x8 for 64 tokens of a 2-D map
-    meta = dict(K0=1, K1=k, K2=k, C0=False, C1=False, C2=False, T0=1, T1=tile_h, T2=tile_w, HAS_RPB=True,
-                BLOCK_D=D, IEEE=False, BLOCK_K=64)
+    # Halo pitch per axis: the power of two holding the tile's halo (tile + k - 1 keys, at most the sub-grid).
+    pitch = 1 << (min(tile_h + k - 1, -(-H // dilation)) - 1).bit_length()
+    meta = dict(K0=1, K1=k, K2=k, C0=False, C1=False, C2=False, T0=1, T1=tile_h, T2=tile_w, P1=pitch, P2=pitch,
+                HAS_RPB=True, BLOCK_D=D, IEEE=False, INT64_OFFSETS=False, BLOCK_K=64)
     args = (q, kk, v, rpb, out, lse, *strides(q), *strides(kk), *strides(v), *strides(out), *strides(lse),
             1, H, W, 1, dilation, dilation, heads, D, D ** -0.5)
     from triton.runtime import driver
@@ -75,7 +77,7 @@ def compile_forward(dilation: int, arch: int = 90):
     try:
         fn = forward.na_fwd_kernel.fn
         fn.device_caches.clear()
-        compiled = fn.warmup(*args, grid=(1,), num_warps=4, num_stages=2, **meta)
+        compiled = fn.warmup(*args, grid=(1,), num_warps=4, num_stages=3, **meta)  # the forward's default config
     finally:
         driver._active = saved
     return compiled
