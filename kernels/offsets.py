@@ -45,12 +45,20 @@ def int64_offsets(*tensors: torch.Tensor | None, indices: int = 0) -> bool:
     return max(indices, *(element_span(t) for t in tensors)) > INT32_MAX
 
 
+def heads_limit_reason(heads: int) -> str | None:
+    """Why ``heads`` cannot launch (one program per (batch, head) on grid axis 1, and a batch
+    element's heads in one launch), or None."""
+    if heads > MAX_GRID_Y:
+        return f"heads must be <= {MAX_GRID_Y} (CUDA's limit on grid axis 1); got {heads}"
+    return None
+
+
 def batch_chunks(batch: int, heads: int, backend: str) -> list[tuple[int, int]]:
     """``[start, stop)`` batch ranges launched one after another, so that each launch's
     ``batch * heads`` programs fit CUDA's grid axis 1 (``MAX_GRID_Y``); one range normally."""
-    if heads > MAX_GRID_Y:
-        raise ValueError(f"backend={backend!r}: heads must be <= {MAX_GRID_Y} (CUDA's limit on grid axis 1, "
-                         f"one program per (batch, head)); got {heads}")
+    reason = heads_limit_reason(heads)
+    if reason is not None:
+        raise ValueError(f"backend={backend!r}: {reason}")
     per_launch = max(1, MAX_GRID_Y // max(heads, 1))
     return [(start, min(start + per_launch, batch)) for start in range(0, batch, per_launch)] or [(0, batch)]
 

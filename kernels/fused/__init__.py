@@ -17,14 +17,13 @@ import os
 import torch
 
 from ..geometry import NAParams
-from ..offsets import MAX_GRID_Y
+from ..offsets import MAX_GRID_Y, heads_limit_reason
 
 __all__ = ["na", "unavailable_reason", "unsupported_reason", "MAX_HEAD_DIM"]
 
 # Bigger heads would not fit a tile's q/acc/dq blocks in registers.
 MAX_HEAD_DIM = 256
-# One program per (batch, head) runs on CUDA grid axis 1: a bigger batch is launched in chunks
-# (kernels/offsets.py), but the heads of one batch element must fit one launch.
+# One program per (batch, head) on CUDA grid axis 1 (kernels/offsets.py).
 MAX_HEADS = MAX_GRID_Y
 
 try:
@@ -54,9 +53,8 @@ def unsupported_reason(query: torch.Tensor) -> str | None:
         return "float64 is not supported (use float32, float16 or bfloat16, or backend='reference')"
     if query.shape[-1] > MAX_HEAD_DIM:
         return f"head_dim must be <= {MAX_HEAD_DIM}; got {query.shape[-1]}"
-    if query.shape[-2] > MAX_HEADS:
-        return f"heads must be <= {MAX_HEADS} (CUDA's limit on grid axis 1); got {query.shape[-2]}"
-    return None
+    # A big batch is launched in chunks (kernels/offsets.py); one batch element's heads must fit a launch.
+    return heads_limit_reason(query.shape[-2])
 
 
 def na(query, key, value, params: NAParams, rpb, scale: float, return_lse: bool):

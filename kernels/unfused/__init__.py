@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..geometry import NAParams
-from ..offsets import MAX_GRID_Y
+from ..offsets import heads_limit_reason
 
 try:
     from . import ops as _ops
@@ -43,9 +43,7 @@ def unsupported_reason(tensor: torch.Tensor) -> str | None:
     """Why these kernels cannot take this problem (``backend="auto"`` then moves on)."""
     if tensor.dtype == torch.float64:
         return "float64 is not supported (the kernels take float16, bfloat16 or float32)"
-    if tensor.dim() >= 2 and tensor.shape[-2] > MAX_GRID_Y:
-        return f"heads must be <= {MAX_GRID_Y} (CUDA's limit on grid axis 1); got {tensor.shape[-2]}"
-    return None
+    return heads_limit_reason(tensor.shape[-2]) if tensor.dim() >= 2 else None
 
 
 def _geometry(params: NAParams):
