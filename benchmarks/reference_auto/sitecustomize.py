@@ -6,12 +6,33 @@ need no code change::
     PYTHONPATH=.:benchmarks/reference_auto python train.py       # before: auto -> reference
     PYTHONPATH=. python train.py                                  # after:  auto -> tiled
 
-Python imports the first ``sitecustomize`` module on ``sys.path`` at start-up; this one only
-swaps the registry's default order. It imports ``kernels`` (and Triton) at start-up, before
-``tests/conftest.py`` can set ``TRITON_INTERPRET=1``: the Triton backends' CPU tests do not run
-under it (for timing only).
+Python imports the first ``sitecustomize`` module on ``sys.path`` at start-up. This one imports
+nothing of the project there: it swaps the registry's default order when ``kernels.backends`` is
+first imported, so a process still sets its environment first (``tests/conftest.py`` sets
+``TRITON_INTERPRET=1`` before Triton loads, and the Triton backends' CPU tests run under it too).
 """
 
-import kernels.backends
+import importlib.abc
+import importlib.machinery
+import sys
 
-kernels.backends._AUTO_DEFAULT = ("reference",)
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "kernels.backends":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None:
+            return spec
+        run_module = spec.loader.exec_module
+
+        def exec_module(module):
+            run_module(module)
+            module._AUTO_DEFAULT = ("reference",)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, _PatchOnImport())
