@@ -291,6 +291,14 @@ def test_halo_pitches_hold_every_halo(causal):
     (16, Problem(1, (70,), 2, 8, (9,), (2,), (False,), True)),
     # Single-block programs: 7-wide sub-grids (pitch 8) walked in one 64-entry block.
     (64, Problem(1, (21, 14), 1, 8, (7, 7), (3, 2), (False, False), True)),
+    # dRPB by window class (backward.fold_block): the GPU default, 64-entry blocks of 4 rows on pitch
+    # 16 filling one of two groups of 8 classes per block (at the borders too), ...
+    (64, Problem(2, (20, 19), 2, 8, (7, 7), (1, 1), (False, False), True)),
+    # ... blocks of more rows than classes (pitch 16, kernel 3: 4 classes, 8 rows per block), ...
+    (128, Problem(1, (13, 12), 1, 8, (3, 3), (1, 1), (False, False), True)),
+    # ... and the slot gather it falls back to when a block is narrower than the window classes
+    # (1-D kernel 33: 64 classes, 32-entry blocks).
+    (32, Problem(1, (80,), 1, 8, (33,), (1,), (False,), True)),
 ])
 def test_pitched_walks_in_small_blocks(block, case, monkeypatch):
     """The interpreter's one config uses 128-entry blocks; smaller ones reach every walk path."""

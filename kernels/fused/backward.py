@@ -106,7 +106,18 @@ def _na_bwd_dq_kernel(
     v_row = v_ptr + b * svb + h * svh + (hs0 * D0 + g0) * sv0 + (hs1 * D1 + g1) * sv1 + (hs2 * D2 + g2) * sv2
     rpb_row = rpb_ptr + h * R
     rpb_q = rpb_steps(hs0 - ip0 + K0 - 1, hs1 - ip1 + K1 - 1, hs2 - ip2 + K2 - 1, K1, K2)
-    if HAS_RPB:
+    # dRPB by window class (1-D/2-D): a query's window holds K consecutive halo steps per axis, so
+    # their residues modulo SLOT (a power of two >= K) are distinct, and dS is 0 outside the window:
+    # summing each block's dS per (query, u1 % SLOT1, u2 % SLOT2) keeps every window slot apart with
+    # no per-element index, and the slots are read back once, after the walk.
+    # Applies to power-of-two slots and blocks whose columns are whole classes (the block, and in 2-D
+    # the pitch, hold whole multiples of SLOT2); a block adds FOLD_ROWS halo rows at once.
+    FOLD: tl.constexpr = (HAS_RPB and FLAT0 and (SLOT1 & (SLOT1 - 1)) == 0 and (SLOT2 & (SLOT2 - 1)) == 0
+                          and BLOCK_K % SLOT2 == 0 and (FLAT1 or P2 % SLOT2 == 0))
+    FOLD_ROWS: tl.constexpr = 1 if (FLAT1 or BLOCK_K <= P2) else min(BLOCK_K // P2, SLOT1)
+    if FOLD:
+        ds_classes = tl.zeros([T0 * T1 * T2, SLOT1 // FOLD_ROWS, FOLD_ROWS * SLOT2], tl.float32)
+    elif HAS_RPB:
         # Window slot s of query q is walk entry walk_entry(lo(q)) + walk_entry(s's steps): the
         # gather of dS per (query, slot) is one add per element.
         slots = tl.arange(0, BLOCK_S)
@@ -128,7 +139,10 @@ def _na_bwd_dq_kernel(
         dp = mma(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
         dq += mma(ds.to(k.dtype), k, IEEE)
-        if HAS_RPB:
+        if FOLD:
+            ds_classes += fold_block(ds, start, T0 * T1 * T2, BLOCK_K, P2, SLOT1, SLOT2, FOLD_ROWS,
+                                     FLAT1 or BLOCK_K <= P2)
+        elif HAS_RPB:
             # Each (query, slot) lies in exactly one block of the walk.
             local = query_entry[:, None] + (slot_entry - start)[None, :]
             picked = tl.gather(ds, tl.minimum(local.to(tl.uint32, bitcast=True), BLOCK_K - 1).to(tl.int32), 1)
@@ -137,11 +151,13 @@ def _na_bwd_dq_kernel(
     dq_off = b * sgb + h * sgh + (ip0 * D0 + g0) * sg0 + (ip1 * D1 + g1) * sg1 + (ip2 * D2 + g2) * sg2
     tl.store((dq_ptr + dq_off)[:, None] + (dim * sgd)[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
              mask=qd_mask)
+    if FOLD:
+        ds_slots = tl.reshape(ds_classes, [T0 * T1 * T2, SLOT1 * SLOT2])  # (query, class) from here on
     if HAS_RPB:
         row = drpb_ptr + (tile_id.to(tl.int64) * tl.num_programs(1) + bh) * ((2 * K0 - 1) * BLOCK_R1 * BLOCK_R2)
         if DRPB_BY_AXES:
-            drpb = slots_to_bins_2d(ds_slots, a1, a2, n_sub1, n_sub2, K1, K2, C1, C2, T1, T2, SLOT1, SLOT2,
-                                    BLOCK_R1, BLOCK_R2)
+            drpb = slots_to_bins_2d(ds_slots, a1, a2, hs1, hs2, n_sub1, n_sub2, K1, K2, C1, C2, T1, T2, SLOT1, SLOT2,
+                                    BLOCK_R1, BLOCK_R2, FOLD)
             tl.store(row + tl.arange(0, BLOCK_R2)[:, None] + tl.arange(0, BLOCK_R1)[None, :] * BLOCK_R2, drpb)
         else:
             # Slot s of query q holds relative position r = s + e(q) per axis (e: the window's offset
@@ -157,15 +173,19 @@ def _na_bwd_dq_kernel(
             for r0 in tl.static_range(0, 2 * K0 - 1):
                 s0 = r0 - e0[:, None]
                 held = in_plane & (s0 >= 0) & (s0 < K0)
-                slot = tl.where(held, (s0 * SLOT1 + s1) * SLOT2 + s2, 0)
+                if FOLD:  # the class of slot s: its halo step lo + s, modulo SLOT (K0 == 1: s0 == 0)
+                    slot = ((lo1[:, None] + s1) & (SLOT1 - 1)) * SLOT2 + ((lo2[:, None] + s2) & (SLOT2 - 1))
+                else:
+                    slot = (s0 * SLOT1 + s1) * SLOT2 + s2
+                slot = tl.where(held, slot, 0)
                 drpb = tl.sum(tl.where(held, tl.gather(ds_slots, slot, 1), 0.0), 0)
                 tl.store(row + r0 * (BLOCK_R1 * BLOCK_R2) + bins, drpb)
 
 
 @triton.jit
-def slots_to_bins_2d(ds_slots, a1, a2, n_sub1, n_sub2, K1: tl.constexpr, K2: tl.constexpr, C1: tl.constexpr,
-                     C2: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, SLOT1: tl.constexpr,
-                     SLOT2: tl.constexpr, BLOCK_R1: tl.constexpr, BLOCK_R2: tl.constexpr):
+def slots_to_bins_2d(ds_slots, a1, a2, first1, first2, n_sub1, n_sub2, K1: tl.constexpr, K2: tl.constexpr,
+                     C1: tl.constexpr, C2: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr, SLOT1: tl.constexpr,
+                     SLOT2: tl.constexpr, BLOCK_R1: tl.constexpr, BLOCK_R2: tl.constexpr, BY_CLASS: tl.constexpr):
     """dRPB of a 2-D tile: ``[BLOCK_R2, BLOCK_R1]`` sums of ``dS`` per relative position ``(r1, r2)``.
 
     ``ds_slots`` is ``[T1 * T2, SLOT1 * SLOT2]`` (query ``(t1, t2)``, window slot ``(s1, s2)``, both
@@ -174,26 +194,52 @@ def slots_to_bins_2d(ds_slots, a1, a2, n_sub1, n_sub2, K1: tl.constexpr, K2: tl.
     (query, slot) to bins is separable: with one-hot matrices ``M_a[(t, s), r] = [r == s + e_a(t)]``
     the bins are ``(X @ M_2)^T @ M_1`` where ``X`` is ``ds_slots`` regrouped as
     ``[(t1, s1), (t2, s2)]`` -- two small products on tensor cores instead of a gather per
-    (query, bin).
+    (query, bin). With ``BY_CLASS`` the columns are window classes (halo step modulo ``SLOT``, see
+    ``fold_block``) rather than slots; the one-hot maps take them to slots first.
     """
     x = tl.reshape(tl.permute(tl.reshape(ds_slots, [T1, T2, SLOT1, SLOT2]), [0, 2, 1, 3]),
                    [T1 * SLOT1, T2 * SLOT2])
-    by_bin2 = one_hot_product(x, slot_bins(a2, n_sub2, K2, C2, T2, SLOT2, BLOCK_R2))
-    return one_hot_product(tl.trans(by_bin2), slot_bins(a1, n_sub1, K1, C1, T1, SLOT1, BLOCK_R1))
+    by_bin2 = one_hot_product(x, slot_bins(a2, first2, n_sub2, K2, C2, T2, SLOT2, BLOCK_R2, BY_CLASS))
+    return one_hot_product(tl.trans(by_bin2), slot_bins(a1, first1, n_sub1, K1, C1, T1, SLOT1, BLOCK_R1, BY_CLASS))
 
 
 @triton.jit
-def slot_bins(a, length_g, K: tl.constexpr, C: tl.constexpr, T: tl.constexpr, SLOT: tl.constexpr,
-              BLOCK_R: tl.constexpr):
+def slot_bins(a, first, length_g, K: tl.constexpr, C: tl.constexpr, T: tl.constexpr, SLOT: tl.constexpr,
+              BLOCK_R: tl.constexpr, BY_CLASS: tl.constexpr):
     """One axis's ``[T * SLOT, BLOCK_R]`` one-hot map from (tile step ``t``, window slot ``s``) to the
     relative position ``s + e(t)`` (``e``: window start - query + K - 1); empty for slots past the
-    window and for queries past the sub-grid."""
+    window and for queries past the sub-grid. ``BY_CLASS``: the columns are classes ``c`` (halo step
+    modulo ``SLOT``, ``first``: the halo's first key), slot ``s = (c - window start) mod SLOT``."""
     ts = tl.arange(0, T * SLOT)
     ip = a + ts // SLOT
     s = ts % SLOT
-    rel = s + subgrid_window_start(ip, length_g, K, C) - ip + (K - 1)
+    start = subgrid_window_start(ip, length_g, K, C)
+    if BY_CLASS:
+        s = (s - (start - first)) & (SLOT - 1)
+    rel = s + start - ip + (K - 1)
     rel = tl.where((s < K) & (ip < length_g), rel, -1)
     return (rel[:, None] == tl.arange(0, BLOCK_R)[None, :]).to(tl.float32)
+
+
+@triton.jit
+def fold_block(ds, start, Q: tl.constexpr, BLOCK_K: tl.constexpr, P2: tl.constexpr, SLOT1: tl.constexpr,
+               SLOT2: tl.constexpr, ROWS: tl.constexpr, IN_ONE_ROW: tl.constexpr):
+    """A ``[Q, BLOCK_K]`` block of ``dS`` (walk entries ``start ..``) summed per window class
+    ``(u1 % SLOT1, u2 % SLOT2)``, as ``[Q, SLOT1 // ROWS, ROWS * SLOT2]``.
+
+    Column ``u2 % SLOT2`` is the entry's position modulo ``SLOT2`` in its row (the pitch is a multiple of
+    ``SLOT2``): a reshape and a sum over whole groups of ``SLOT2`` columns, in registers. Rows: a block
+    of ``ROWS`` halo rows (or part of one) starts at a row that is a multiple of ``ROWS``, so its rows
+    fill one of the ``SLOT1 // ROWS`` groups of classes, chosen by a 0/1 weight per group.
+    """
+    WIDTH: tl.constexpr = BLOCK_K if IN_ONE_ROW else P2
+    by_column = tl.sum(tl.reshape(ds, [Q, BLOCK_K // (WIDTH * ROWS), ROWS, WIDTH // SLOT2, SLOT2]), 3)
+    by_class = tl.reshape(tl.sum(by_column, 1), [Q, 1, ROWS * SLOT2])
+    if SLOT1 // ROWS > 1:
+        group = ((start // P2) % SLOT1) // ROWS
+        weight = (tl.arange(0, SLOT1 // ROWS) == group).to(tl.float32)
+        by_class = by_class * weight[None, :, None]
+    return by_class
 
 
 @triton.jit

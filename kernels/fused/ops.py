@@ -72,9 +72,10 @@ class _DrpbLayout:
     """Where the dQ kernel keeps dRPB: per query, window slot ``(s0 * SLOT1 + s1) * SLOT2 + s2`` of
     ``BLOCK_S``; per program, a row of ``(2*K0 - 1) x BLOCK_R1 x BLOCK_R2`` relative-position bins.
 
-    2-D tiles whose regrouped slots fill ``tl.dot`` operands (``DRPB_BY_AXES``) lay slots out on
-    power-of-two pitches and at least 16 bins per axis: the kernel maps slots to bins with two small
-    products. Others (1-D, 3-D, thin tiles) keep slots compact and gather them per (query, bin).
+    1-D/2-D problems lay slots out on power-of-two pitches; 2-D tiles whose regrouped slots fill
+    ``tl.dot`` operands (``DRPB_BY_AXES``) also take at least 16 bins per axis: the kernel maps slots
+    to bins with two small products. Others (1-D, 3-D, thin tiles) gather them per (query, bin); 3-D
+    keeps slots compact.
     """
 
     def __init__(self, p: _Problem):
@@ -83,7 +84,8 @@ class _DrpbLayout:
         self.rel = tuple(2 * k - 1 for k in p.kernel)
         pitch1, pitch2 = triton.next_power_of_2(k1), triton.next_power_of_2(k2)
         by_axes = p.tile[0] == 1 and k0 == 1 and t1 * pitch1 >= config.MIN_DOT and t2 * pitch2 >= config.MIN_DOT
-        slot1, slot2 = (pitch1, pitch2) if by_axes else (k1, k2)
+        # 1-D/2-D: power-of-two slots, which the kernel fills by window class (``backward.fold_block``).
+        slot1, slot2 = (pitch1, pitch2) if p.tile[0] == 1 and k0 == 1 else (k1, k2)
         block_r1, block_r2 = (max(triton.next_power_of_2(r), config.MIN_DOT if by_axes else 1) for r in self.rel[1:])
         self.meta = dict(BLOCK_S=triton.next_power_of_2(k0 * slot1 * slot2), SLOT1=slot1, SLOT2=slot2,
                          BLOCK_R1=block_r1, BLOCK_R2=block_r2, DRPB_BY_AXES=by_axes)
