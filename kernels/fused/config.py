@@ -69,11 +69,13 @@ SPILL_FREE: dict[tuple[str, str, int], tuple[tuple[int, int, int], ...]] = {
     ("fused_fwd", "16-bit", 64): ((32, 4, 2), (64, 4, 3), (64, 8, 3), (128, 8, 2)),
     ("fused_fwd", "16-bit", 128): ((32, 4, 2), (64, 4, 3), (64, 8, 3), (128, 8, 2)),
     ("fused_fwd", "16-bit", 256): ((64, 8, 3),),
-    ("fused_bwd_dq", "16-bit", 32): ((32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3)),
-    ("fused_bwd_dq", "16-bit", 64): ((32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3)),
-    # (32, 4, 2) is spill-free at d=1 but spills 4 B on Triton 3.8.0 at d=8 (the head-dim report).
-    ("fused_bwd_dq", "16-bit", 128): ((64, 8, 3),),
-    ("fused_bwd_dq", "16-bit", 256): ((64, 8, 3),),
+    # dQ re-measured after its dRPB moved to window classes (2026-12-02, d=1 and d=8): 128-key
+    # blocks are spill-free now up to D=64 and 32-key ones at D=128 (docs/kernel_audit.md, "dRPB by
+    # window class").
+    ("fused_bwd_dq", "16-bit", 32): ((32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 8, 2)),
+    ("fused_bwd_dq", "16-bit", 64): ((32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 8, 2)),
+    ("fused_bwd_dq", "16-bit", 128): ((32, 4, 2), (64, 8, 3)),
+    ("fused_bwd_dq", "16-bit", 256): ((64, 8, 3),),  # spill-free at d=1; at d=8 the least (32 B / 56 B)
     ("fused_bwd_dkdv", "16-bit", 32): ((32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 3)),
     ("fused_bwd_dkdv", "16-bit", 64): ((32, 4, 2), (64, 4, 2), (64, 8, 3)),
     ("fused_bwd_dkdv", "16-bit", 128): ((64, 8, 3),),
