@@ -17,7 +17,6 @@ the autograd engine refuses fake CUDA tensors on a machine without a CUDA contex
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterator, Optional
