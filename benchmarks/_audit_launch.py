@@ -17,29 +17,23 @@ the autograd engine refuses fake CUDA tensors on a machine without a CUDA contex
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterator, Optional
 
 import torch
+
+from benchmarks._common import NAShape
 
 # The CUDA caching allocator hands out blocks aligned to 512 bytes.
 ALLOCATION_ALIGN = 512
 
 
 @dataclass(frozen=True)
-class Problem:
-    """One NA call: tensors ``[batch, *spatial, heads, head_dim]``, its window, dtype, backend."""
+class Problem(NAShape):
+    """One NA call: the shape (``NAShape``: tensors ``[batch, *spatial, heads, head_dim]`` and the
+    window) and how it is launched: dtype and backend."""
 
-    spatial: tuple[int, ...]
-    heads: int
-    head_dim: int
-    kernel_size: tuple[int, ...]
-    dilation: tuple[int, ...]
-    causal: tuple[bool, ...]
-    rpb: bool
-    batch: int
     dtype: str = "bfloat16"
     backend: str = "fused"
     # What a DiNAT layer passes: q, k, v as views of one qkv projection [B, *spatial, 3, H, D]
@@ -51,11 +45,7 @@ class Problem:
     @property
     def label(self) -> str:
         """The sweep's shape label and the dtype."""
-        from benchmarks.sweep import SweepShape
-
-        shape = SweepShape(self.batch, self.spatial, self.heads, self.head_dim, self.kernel_size, self.dilation,
-                           self.causal, self.rpb)
-        return f"{shape.label} {self.dtype}"
+        return f"{super().label} {self.dtype}"
 
     @property
     def tag(self) -> str:
@@ -64,24 +54,21 @@ class Problem:
         return f"d{d}" + ("" if self.dtype == "bfloat16" else f"_{self.dtype}")
 
     def to_json(self) -> dict:
-        return dict(spatial=list(self.spatial), heads=self.heads, head_dim=self.head_dim,
-                    kernel_size=list(self.kernel_size), dilation=list(self.dilation), causal=list(self.causal),
-                    rpb=self.rpb, batch=self.batch, dtype=self.dtype, backend=self.backend, layout=self.layout,
-                    rpb_dtype=self.rpb_dtype)
+        out = super().to_json()
+        del out["origin"]  # the audit's problems (and its cache keys) never carried one
+        return out
 
     @classmethod
     def from_json(cls, d: dict) -> "Problem":
-        return cls(tuple(d["spatial"]), int(d["heads"]), int(d["head_dim"]), tuple(d["kernel_size"]),
-                   tuple(d["dilation"]), tuple(bool(c) for c in d["causal"]), bool(d["rpb"]), int(d["batch"]),
-                   d.get("dtype", "bfloat16"), d.get("backend", "fused"), d.get("layout", "qkv"),
-                   d.get("rpb_dtype", "float32"))
+        """``to_json``'s dict (other keys ignored); absent launch fields take their defaults."""
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        d.update(batch=int(d["batch"]), heads=int(d["heads"]), head_dim=int(d["head_dim"]), rpb=bool(d["rpb"]),
+                 causal=[bool(c) for c in d["causal"]])
+        return super().from_json(d)
 
     def replace(self, **changes) -> "Problem":
         return Problem.from_json({**self.to_json(), **changes})
-
-    @property
-    def tokens(self) -> int:
-        return math.prod(self.spatial)
 
     @property
     def element_size(self) -> int:

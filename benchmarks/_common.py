@@ -1,4 +1,5 @@
-"""Helpers the benchmark tools share: device sync and clean-up, failure reporting, timing, report facts.
+"""Helpers the benchmark tools share: the problem type, device sync and clean-up, failure reporting, timing,
+report facts.
 
 Nothing here imports triton at module level: ``benchmarks.sweep`` must turn on Triton's CPU
 interpreter before triton is first imported.
@@ -10,10 +11,53 @@ import datetime as _dt
 import gc
 import platform
 import statistics
+import math
 import time
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
+
+
+@dataclass(frozen=True)
+class NAShape:
+    """One NA problem: tensors ``[batch, *spatial, heads, head_dim]`` and its window.
+
+    The tuning sweep's shapes, and (with the launch's dtype, backend and layout added) the kernel
+    audit's ``_audit_launch.Problem``. ``origin`` says where a shape came from (a model name, ``smoke``).
+    """
+
+    batch: int
+    spatial: tuple[int, ...]
+    heads: int
+    head_dim: int
+    kernel_size: tuple[int, ...]
+    dilation: tuple[int, ...]
+    causal: tuple[bool, ...]
+    rpb: bool = True
+    origin: str = ""
+
+    @property
+    def label(self) -> str:
+        axes = lambda v: "x".join(str(int(x)) for x in v)  # noqa: E731
+        causal = f" causal{axes(self.causal)}" if any(self.causal) else ""
+        return (f"{axes(self.spatial)} B{self.batch} H{self.heads} D{self.head_dim} k{axes(self.kernel_size)} "
+                f"d{axes(self.dilation)}{causal}{' rpb' if self.rpb else ''}")
+
+    @property
+    def tokens(self) -> int:
+        return math.prod(self.spatial)
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        for name in ("spatial", "kernel_size", "dilation", "causal"):
+            out[name] = list(out[name])
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict):
+        """The inverse of ``to_json`` (lists back to tuples); keys this class lacks are an error."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def sync(device: torch.device) -> None:

@@ -45,10 +45,10 @@ class _AxisLookup:
     def __init__(self, length: int, stride: int, kernel_size: int, dilation: int, is_causal: bool, device):
         self.length, self.stride = length, stride
         self.kernel_size, self.dilation, self.is_causal = kernel_size, dilation, is_causal
-        _, valid, rpb_index = axis_window(length, kernel_size, dilation, is_causal, device)
+        _, valid, rpb_bin = axis_window(length, kernel_size, dilation, is_causal, device)
         self.window_start = axis_tables(length, kernel_size, dilation, is_causal, device).window_start.long()
         self.slot_valid = valid if is_causal else None  # [L, k]; every slot counts when non-causal
-        self.rpb_index = rpb_index  # [L, k], into this axis' 2k-1 biases
+        self.rpb_bin = rpb_bin  # [L, k], into this axis' 2k-1 biases
 
     def slot(self, q_idx, kv_idx):
         """Query coordinate, key's window slot (may lie outside [0, k)) and whether the key is in the window."""
@@ -119,7 +119,7 @@ class FlexNA:
             index = []
             for axis in axes:
                 i, slot, _ = axis.slot(q_idx, kv_idx)
-                index.append(axis.rpb_index[i, axis.clamped(slot)])
+                index.append(axis.rpb_bin[i, axis.clamped(slot)])
             return score + rpb[(h, *index)]
 
         return add_rpb

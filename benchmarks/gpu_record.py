@@ -261,9 +261,9 @@ def _correctness_cases(smoke: bool) -> list:
 
 
 def _sweep_shape(shape):
-    from benchmarks.sweep import SweepShape
+    from benchmarks._common import NAShape
 
-    return SweepShape(shape.batch, tuple(shape.spatial), shape.heads, shape.head_dim, tuple(shape.kernel_size),
+    return NAShape(shape.batch, tuple(shape.spatial), shape.heads, shape.head_dim, tuple(shape.kernel_size),
                       tuple(shape.dilation), tuple(shape.is_causal), shape.use_rpb, origin=shape.group)
 
 

@@ -32,7 +32,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -45,7 +45,7 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 
 import kernels  # noqa: E402
-from benchmarks._common import median_ms, sync  # noqa: E402
+from benchmarks._common import NAShape, median_ms, sync  # noqa: E402
 from kernels import tuning  # noqa: E402
 from kernels.api import check_params  # noqa: E402
 from kernels.geometry import NAParams  # noqa: E402
@@ -67,35 +67,7 @@ NA_BY_RANK = {1: kernels.na1d, 2: kernels.na2d, 3: kernels.na3d}
 # Shapes
 
 
-@dataclass(frozen=True)
-class SweepShape:
-    """One NA problem ``[batch, *spatial, heads, head_dim]`` and its window."""
-
-    batch: int
-    spatial: tuple[int, ...]
-    heads: int
-    head_dim: int
-    kernel_size: tuple[int, ...]
-    dilation: tuple[int, ...]
-    causal: tuple[bool, ...]
-    rpb: bool = True
-    origin: str = ""
-
-    @property
-    def label(self) -> str:
-        axes = lambda v: "x".join(str(int(x)) for x in v)  # noqa: E731
-        causal = f" causal{axes(self.causal)}" if any(self.causal) else ""
-        return (f"{axes(self.spatial)} B{self.batch} H{self.heads} D{self.head_dim} k{axes(self.kernel_size)} "
-                f"d{axes(self.dilation)}{causal}{' rpb' if self.rpb else ''}")
-
-    def to_json(self) -> dict:
-        out = asdict(self)
-        for name in ("spatial", "kernel_size", "dilation", "causal"):
-            out[name] = list(out[name])
-        return out
-
-
-def model_shapes(model_names: Sequence[str], img_size: int, batch: int) -> list[SweepShape]:
+def model_shapes(model_names: Sequence[str], img_size: int, batch: int) -> list[NAShape]:
     """The distinct attention-layer shapes of ``model_names`` (timm names of the ``models`` registry).
 
     Models are built on the meta device (no weights allocated); a level's map is the input size
@@ -106,7 +78,7 @@ def model_shapes(model_names: Sequence[str], img_size: int, batch: int) -> list[
     import models  # noqa: F401  (registers the DiNAT family with timm)
     from models.layers import NeighborhoodAttention2d
 
-    shapes: list[SweepShape] = []
+    shapes: list[NAShape] = []
     for name in model_names:
         try:
             with torch.device("meta"):
@@ -119,7 +91,7 @@ def model_shapes(model_names: Sequence[str], img_size: int, batch: int) -> list[
         for level in model._levels():
             for attn in level.modules():
                 if isinstance(attn, NeighborhoodAttention2d):
-                    shape = SweepShape(batch, (size, size), attn.num_heads, attn.head_dim, (attn.kernel_size,) * 2,
+                    shape = NAShape(batch, (size, size), attn.num_heads, attn.head_dim, (attn.kernel_size,) * 2,
                                        (attn.dilation,) * 2, (False, False), True, origin=name)
                     if all(shape.label != s.label for s in shapes):
                         shapes.append(shape)
@@ -137,7 +109,7 @@ def _axes(value: str, kind, name: str, spec: str) -> tuple:
                          f"({'0/1' if kind is bool else 'ints'}, one per axis)") from None
 
 
-def parse_shape(spec: str, batch: int) -> SweepShape:
+def parse_shape(spec: str, batch: int) -> NAShape:
     """``spatial=56x56,heads=2,head_dim=32,kernel=7,dilation=8[,causal=0x1][,rpb=0]``."""
     fields = {}
     for part in spec.split(","):
@@ -170,7 +142,7 @@ def parse_shape(spec: str, batch: int) -> SweepShape:
     except ValueError:
         raise ValueError(f"--shape {spec!r}: heads and head_dim must be ints") from None
     rpb = fields.get("rpb", "1") not in ("0", "false", "False")
-    shape = SweepShape(batch, spatial, heads, head_dim, per_axis("kernel", int, None), per_axis("dilation", int, 1),
+    shape = NAShape(batch, spatial, heads, head_dim, per_axis("kernel", int, None), per_axis("dilation", int, 1),
                        per_axis("causal", bool, False), rpb, origin="--shape")
     if rpb and any(shape.causal):
         raise ValueError(f"--shape {spec!r}: an RPB needs a non-causal window; add rpb=0")
@@ -180,9 +152,9 @@ def parse_shape(spec: str, batch: int) -> SweepShape:
     return shape
 
 
-def smoke_shapes() -> list[SweepShape]:
+def smoke_shapes() -> list[NAShape]:
     # Seconds under the interpreter: one head, a 1-D dilated window with an RPB (two tiles).
-    return [SweepShape(1, (16,), 1, 16, (3,), (2,), (False,), True, origin="smoke")]
+    return [NAShape(1, (16,), 1, 16, (3,), (2,), (False,), True, origin="smoke")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,7 +164,7 @@ def smoke_shapes() -> list[SweepShape]:
 @dataclass(frozen=True)
 class Unit:
     key: tuning.TuningKey
-    shape: SweepShape
+    shape: NAShape
     dtype: str
 
     @property
@@ -200,7 +172,7 @@ class Unit:
         return json.dumps(self.key.to_json(), sort_keys=True)
 
 
-def expected_keys(shape: SweepShape, dtype: str, kernel_names: Sequence[str]) -> list[tuning.TuningKey]:
+def expected_keys(shape: NAShape, dtype: str, kernel_names: Sequence[str]) -> list[tuning.TuningKey]:
     """The keys the launches of one forward+backward of ``shape`` will have, per tunable kernel."""
     keys = []
     for name in kernel_names:
@@ -213,7 +185,7 @@ def expected_keys(shape: SweepShape, dtype: str, kernel_names: Sequence[str]) ->
     return keys
 
 
-def work_units(shapes: Sequence[SweepShape], dtypes: Sequence[str], kernel_names: Sequence[str]) -> list[Unit]:
+def work_units(shapes: Sequence[NAShape], dtypes: Sequence[str], kernel_names: Sequence[str]) -> list[Unit]:
     """Every key once (the first shape that produces it stands for it), sorted: the same list in every shard."""
     units: dict[tuning.TuningKey, Unit] = {}
     for dtype in dtypes:
@@ -304,7 +276,7 @@ class Launch:
         tuning.single_config(self.kernel.fn, config).run(*self.args, grid=self.grid, warmup=False, **self.kwargs)
 
 
-def _inputs(shape: SweepShape, dtype: torch.dtype, device: torch.device, seed: int = 0):
+def _inputs(shape: NAShape, dtype: torch.dtype, device: torch.device, seed: int = 0):
     gen = torch.Generator(device="cpu").manual_seed(seed)
     size = (shape.batch, *shape.spatial, shape.heads, shape.head_dim)
     q, k, v, grad = (torch.randn(size, generator=gen).to(device=device, dtype=dtype) for _ in range(4))
@@ -326,7 +298,7 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> tuple[bo
     return False, float((a - e).abs()[~ok].nan_to_num(float("inf")).max().item())
 
 
-def record_default_launches(shape: SweepShape, dtype: torch.dtype, family: str, device: torch.device) -> dict:
+def record_default_launches(shape: NAShape, dtype: torch.dtype, family: str, device: torch.device) -> dict:
     """Run the NA op of ``family`` forward+backward with the kernels' own autotuners, check it
     against ``kernels.reference``, and return the first launch per tuning key (key -> Launch)."""
     q, k, v, rpb, grad = _inputs(shape, dtype, device)
@@ -575,7 +547,7 @@ def fused_summary(doc: dict) -> list[str]:
     for entry in doc["entries"]:
         if not entry["kernel"].startswith("fused") or not entry.get("shape"):
             continue
-        label = SweepShape(**{k: tuple(v) if isinstance(v, list) else v for k, v in entry["shape"].items()}).label
+        label = NAShape.from_json(entry["shape"]).label
         by_shape.setdefault((label, entry["dtype"]), {})[entry["kernel"]] = entry
     rows = ["| shape | dtype | default fwd+bwd ms | tuned fwd+bwd ms | speed-up |", "|---|---|---:|---:|---:|"]
     for (label, dtype), parts in by_shape.items():

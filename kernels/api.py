@@ -6,7 +6,7 @@ Layout is heads-last: ``[batch, *spatial, heads, head_dim]``.
 from __future__ import annotations
 
 import numbers
-from typing import Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -152,41 +152,175 @@ def _av(ndim, attn, value, kernel_size, dilation, is_causal, backend):
     return backends.resolve(backend, value.device, "av", value).av(attn, value, params)
 
 
-def _make(ndim: int):
-    def na(query, key, value, kernel_size, dilation=1, is_causal=False, rpb=None, scale=None,
-           backend="auto", *, return_lse=False):
-        return _na(ndim, query, key, value, kernel_size, dilation, is_causal, rpb, scale, backend, return_lse)
+def na1d(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: IntOrTuple,
+         dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False, rpb: Optional[torch.Tensor] = None,
+         scale: Optional[float] = None, backend: str = "auto", *,
+         return_lse: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """1-D (dilated, causal) neighborhood attention with optional relative position bias.
 
-    def na_qk(query, key, kernel_size, dilation=1, is_causal=False, rpb=None, *, backend="auto"):
-        return _qk(ndim, query, key, kernel_size, dilation, is_causal, rpb, backend)
+    Args:
+        query, key, value: [batch, length, heads, head_dim], one shape, dtype and device.
+        kernel_size: window size, one int or one per axis (>= 2, ``kernel_size * dilation <= size``).
+        dilation: gap between window neighbours, one int or one per axis (>= 1).
+        is_causal: per axis, attend only to the query's own position and earlier ones.
+        rpb: relative position bias [heads, 2*k-1], added to the scaled logits (odd kernel sizes,
+            non-causal only).
+        scale: logit scale; ``None`` means ``head_dim ** -0.5``.
+        backend: ``"auto"``, ``"reference"``, ``"tiled"``, ``"unfused"`` or ``"fused"``.
+        return_lse: also return the float32 log-sum-exp of the logits, [batch, *spatial, heads].
 
-    def na_av(attn, value, kernel_size, dilation=1, is_causal=False, *, backend="auto"):
-        return _av(ndim, attn, value, kernel_size, dilation, is_causal, backend)
-
-    layout = _layout(ndim)
-    na.__doc__ = f"""{ndim}-D (dilated, causal) neighborhood attention with optional relative position bias.
-
-    query, key, value: {layout}. kernel_size, dilation, is_causal: one value or one per axis.
-    rpb: [heads, {', '.join(['2*k-1'] * ndim)}] added to the scaled logits (odd kernel sizes,
-    non-causal only). scale defaults to head_dim ** -0.5. backend: "auto", "reference", "unfused"
-    or "fused". With return_lse=True also returns the float32 log-sum-exp of the logits,
-    [batch, *spatial, heads]. Returns the output, {layout}.
+    Returns:
+        The output, [batch, length, heads, head_dim] (and the log-sum-exp with ``return_lse=True``).
     """
-    na_qk.__doc__ = f"""{ndim}-D neighborhood logits ``q . k (+ rpb)``, unscaled.
+    return _na(1, query, key, value, kernel_size, dilation, is_causal, rpb, scale, backend, return_lse)
 
-    Returns [batch, *spatial, heads, prod(kernel_size)], neighbours row-major over the window
-    (axis 0 slowest); unused causal slots are -inf.
+
+def na1d_qk(query: torch.Tensor, key: torch.Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
+            is_causal: BoolOrTuple = False, rpb: Optional[torch.Tensor] = None, *,
+            backend: str = "auto") -> torch.Tensor:
+    """1-D neighborhood logits ``q . k (+ rpb)``, unscaled.
+
+    Args:
+        query, key: [batch, length, heads, head_dim], one shape, dtype and device.
+        kernel_size, dilation, is_causal: as for ``na1d``.
+        rpb: relative position bias [heads, 2*k-1] (odd kernel sizes, non-causal only).
+        backend: as for ``na1d``.
+
+    Returns:
+        [batch, *spatial, heads, prod(kernel_size)], neighbours row-major over the window (axis 0
+        slowest); unused causal slots are -inf.
     """
-    na_av.__doc__ = f"""{ndim}-D neighborhood weighted sum of values.
+    return _qk(1, query, key, kernel_size, dilation, is_causal, rpb, backend)
 
-    attn: [batch, *spatial, heads, prod(kernel_size)] (as from na{ndim}d_qk after softmax);
-    value: {layout}. Unused causal slots of attn are ignored. Returns {layout}.
+
+def na1d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
+            is_causal: BoolOrTuple = False, *, backend: str = "auto") -> torch.Tensor:
+    """1-D neighborhood weighted sum of values.
+
+    Args:
+        attn: [batch, *spatial, heads, prod(kernel_size)] weights (as from ``na1d_qk`` after
+            softmax), value's dtype and device; unused causal slots are ignored.
+        value: [batch, length, heads, head_dim].
+        kernel_size, dilation, is_causal: as for ``na1d``.
+        backend: as for ``na1d``.
+
+    Returns:
+        [batch, length, heads, head_dim].
     """
-    for f, suffix in ((na, ""), (na_qk, "_qk"), (na_av, "_av")):
-        f.__name__ = f.__qualname__ = f"na{ndim}d{suffix}"
-    return na, na_qk, na_av
+    return _av(1, attn, value, kernel_size, dilation, is_causal, backend)
 
 
-na1d, na1d_qk, na1d_av = _make(1)
-na2d, na2d_qk, na2d_av = _make(2)
-na3d, na3d_qk, na3d_av = _make(3)
+def na2d(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: IntOrTuple,
+         dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False, rpb: Optional[torch.Tensor] = None,
+         scale: Optional[float] = None, backend: str = "auto", *,
+         return_lse: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """2-D (dilated, causal) neighborhood attention with optional relative position bias.
+
+    Args:
+        query, key, value: [batch, height, width, heads, head_dim], one shape, dtype and device.
+        kernel_size: window size, one int or one per axis (>= 2, ``kernel_size * dilation <= size``).
+        dilation: gap between window neighbours, one int or one per axis (>= 1).
+        is_causal: per axis, attend only to the query's own position and earlier ones.
+        rpb: relative position bias [heads, 2*k-1, 2*k-1], added to the scaled logits (odd kernel sizes,
+            non-causal only).
+        scale: logit scale; ``None`` means ``head_dim ** -0.5``.
+        backend: ``"auto"``, ``"reference"``, ``"tiled"``, ``"unfused"`` or ``"fused"``.
+        return_lse: also return the float32 log-sum-exp of the logits, [batch, *spatial, heads].
+
+    Returns:
+        The output, [batch, height, width, heads, head_dim] (and the log-sum-exp with ``return_lse=True``).
+    """
+    return _na(2, query, key, value, kernel_size, dilation, is_causal, rpb, scale, backend, return_lse)
+
+
+def na2d_qk(query: torch.Tensor, key: torch.Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
+            is_causal: BoolOrTuple = False, rpb: Optional[torch.Tensor] = None, *,
+            backend: str = "auto") -> torch.Tensor:
+    """2-D neighborhood logits ``q . k (+ rpb)``, unscaled.
+
+    Args:
+        query, key: [batch, height, width, heads, head_dim], one shape, dtype and device.
+        kernel_size, dilation, is_causal: as for ``na2d``.
+        rpb: relative position bias [heads, 2*k-1, 2*k-1] (odd kernel sizes, non-causal only).
+        backend: as for ``na2d``.
+
+    Returns:
+        [batch, *spatial, heads, prod(kernel_size)], neighbours row-major over the window (axis 0
+        slowest); unused causal slots are -inf.
+    """
+    return _qk(2, query, key, kernel_size, dilation, is_causal, rpb, backend)
+
+
+def na2d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
+            is_causal: BoolOrTuple = False, *, backend: str = "auto") -> torch.Tensor:
+    """2-D neighborhood weighted sum of values.
+
+    Args:
+        attn: [batch, *spatial, heads, prod(kernel_size)] weights (as from ``na2d_qk`` after
+            softmax), value's dtype and device; unused causal slots are ignored.
+        value: [batch, height, width, heads, head_dim].
+        kernel_size, dilation, is_causal: as for ``na2d``.
+        backend: as for ``na2d``.
+
+    Returns:
+        [batch, height, width, heads, head_dim].
+    """
+    return _av(2, attn, value, kernel_size, dilation, is_causal, backend)
+
+
+def na3d(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: IntOrTuple,
+         dilation: IntOrTuple = 1, is_causal: BoolOrTuple = False, rpb: Optional[torch.Tensor] = None,
+         scale: Optional[float] = None, backend: str = "auto", *,
+         return_lse: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """3-D (dilated, causal) neighborhood attention with optional relative position bias.
+
+    Args:
+        query, key, value: [batch, depth, height, width, heads, head_dim], one shape, dtype and device.
+        kernel_size: window size, one int or one per axis (>= 2, ``kernel_size * dilation <= size``).
+        dilation: gap between window neighbours, one int or one per axis (>= 1).
+        is_causal: per axis, attend only to the query's own position and earlier ones.
+        rpb: relative position bias [heads, 2*k-1, 2*k-1, 2*k-1], added to the scaled logits (odd kernel sizes,
+            non-causal only).
+        scale: logit scale; ``None`` means ``head_dim ** -0.5``.
+        backend: ``"auto"``, ``"reference"``, ``"tiled"``, ``"unfused"`` or ``"fused"``.
+        return_lse: also return the float32 log-sum-exp of the logits, [batch, *spatial, heads].
+
+    Returns:
+        The output, [batch, depth, height, width, heads, head_dim] (and the log-sum-exp with ``return_lse=True``).
+    """
+    return _na(3, query, key, value, kernel_size, dilation, is_causal, rpb, scale, backend, return_lse)
+
+
+def na3d_qk(query: torch.Tensor, key: torch.Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
+            is_causal: BoolOrTuple = False, rpb: Optional[torch.Tensor] = None, *,
+            backend: str = "auto") -> torch.Tensor:
+    """3-D neighborhood logits ``q . k (+ rpb)``, unscaled.
+
+    Args:
+        query, key: [batch, depth, height, width, heads, head_dim], one shape, dtype and device.
+        kernel_size, dilation, is_causal: as for ``na3d``.
+        rpb: relative position bias [heads, 2*k-1, 2*k-1, 2*k-1] (odd kernel sizes, non-causal only).
+        backend: as for ``na3d``.
+
+    Returns:
+        [batch, *spatial, heads, prod(kernel_size)], neighbours row-major over the window (axis 0
+        slowest); unused causal slots are -inf.
+    """
+    return _qk(3, query, key, kernel_size, dilation, is_causal, rpb, backend)
+
+
+def na3d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
+            is_causal: BoolOrTuple = False, *, backend: str = "auto") -> torch.Tensor:
+    """3-D neighborhood weighted sum of values.
+
+    Args:
+        attn: [batch, *spatial, heads, prod(kernel_size)] weights (as from ``na3d_qk`` after
+            softmax), value's dtype and device; unused causal slots are ignored.
+        value: [batch, depth, height, width, heads, head_dim].
+        kernel_size, dilation, is_causal: as for ``na3d``.
+        backend: as for ``na3d``.
+
+    Returns:
+        [batch, depth, height, width, heads, head_dim].
+    """
+    return _av(3, attn, value, kernel_size, dilation, is_causal, backend)

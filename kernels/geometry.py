@@ -94,19 +94,19 @@ def _axis_window_cpu(length: int, k: int, d: int, causal: bool):
     jp = start[:, None] + torch.arange(k, device="cpu")[None, :]  # [L, k] sub-grid coordinates
     valid = jp <= ip[:, None] if causal else torch.ones(length, k, dtype=torch.bool, device="cpu")
     neighbors = jp * d + g[:, None]
-    rpb_index = jp - ip[:, None] + k - 1
-    return neighbors, valid, rpb_index, start * d + g
+    rpb_bin = jp - ip[:, None] + k - 1
+    return neighbors, valid, rpb_bin, start * d + g
 
 
 def axis_window(length: int, kernel_size: int, dilation: int, is_causal: bool, device=None):
     """Neighbours of every query along one axis.
 
-    Returns ``(neighbors, valid, rpb_index)``, each ``[length, kernel_size]``: the token index of
+    Returns ``(neighbors, valid, rpb_bin)``, each ``[length, kernel_size]``: the token index of
     slot ``t`` of query ``i`` (always inside ``[0, length)``, also for invalid causal slots), whether
     that slot takes part, and its relative-position-bias index.
     """
-    neighbors, valid, rpb_index, _ = _axis_window_cpu(length, kernel_size, dilation, bool(is_causal))
-    return neighbors.to(device), valid.to(device), rpb_index.to(device)
+    neighbors, valid, rpb_bin, _ = _axis_window_cpu(length, kernel_size, dilation, bool(is_causal))
+    return neighbors.to(device), valid.to(device), rpb_bin.to(device)
 
 
 def max_inverse_count(kernel_size: int, is_causal: bool) -> int:
@@ -154,12 +154,12 @@ def axis_tables(length: int, kernel_size: int, dilation: int, is_causal: bool, d
 def neighborhood(spatial: Sequence[int], params: NAParams, device=None):
     """Flattened neighbourhood of every query of an n-D map.
 
-    Returns ``(index, valid, rpb_index)``, each ``[N, K]`` with ``N = prod(spatial)`` and
+    Returns ``(index, valid, rpb_bin)``, each ``[N, K]`` with ``N = prod(spatial)`` and
     ``K = prod(kernel_size)``: flat token index of every slot (row-major over the map), whether it
     takes part (``None`` when every slot does), and the flat index into ``rpb.view(heads, -1)``.
     """
     n = len(spatial)
-    index = valid = rpb_index = None
+    index = valid = rpb_bin = None
     for axis, (length, k, d, causal) in enumerate(zip(spatial, params.kernel_size, params.dilation, params.is_causal)):
         nb, va, rp = axis_window(length, k, d, causal, device)
         # Broadcast axis `axis` to shape [1,..,L,..,1, 1,..,k,..,1] (queries first, then slots).
@@ -168,17 +168,17 @@ def neighborhood(spatial: Sequence[int], params: NAParams, device=None):
         shape[n + axis] = k
         nb, va, rp = nb.view(shape), va.view(shape), rp.view(shape)
         if index is None:
-            index, valid, rpb_index = nb, va, rp
+            index, valid, rpb_bin = nb, va, rp
         else:
             index = index * length + nb
             valid = valid & va
-            rpb_index = rpb_index * (2 * k - 1) + rp
+            rpb_bin = rpb_bin * (2 * k - 1) + rp
     N, K = math.prod(spatial), params.num_neighbors
     full = tuple(spatial) + tuple(params.kernel_size)
     index = index.expand(full).reshape(N, K)
-    rpb_index = rpb_index.expand(full).reshape(N, K)
+    rpb_bin = rpb_bin.expand(full).reshape(N, K)
     valid = valid.expand(full).reshape(N, K) if params.any_causal else None
-    return index, valid, rpb_index
+    return index, valid, rpb_bin
 
 
 # --- query tiles with a halo of keys (the "tiled" PyTorch backend) ------------------------------
@@ -218,7 +218,7 @@ class TileTables:
 
 def _axis_tiles(length: int, k: int, causal: bool, tile: int):
     """One axis of ``tile_tables``: per tile, its queries, its halo and each (query, halo key)'s bias index."""
-    neighbors, valid, rpb_index, window_start = _axis_window_cpu(length, k, 1, causal)
+    neighbors, valid, rpb_bin, window_start = _axis_window_cpu(length, k, 1, causal)
     tile = min(tile, length)
     num_tiles = -(-length // tile)
     tile_start = torch.clamp(torch.arange(num_tiles) * tile, max=length - tile)
@@ -231,7 +231,7 @@ def _axis_tiles(length: int, k: int, causal: bool, tile: int):
     # bias[t, p, h]: rpb index of key keys[t, h] in the window of query queries[t, p], else -1.
     nb = neighbors[queries]  # [T, tile, k]
     hit = (nb[:, :, :, None] == keys[:, None, None, :]) & valid[queries][:, :, :, None]  # [T, tile, k, halo]
-    rel = torch.where(hit, rpb_index[queries][:, :, :, None], -1).amax(2)  # a key fills at most one slot
+    rel = torch.where(hit, rpb_bin[queries][:, :, :, None], -1).amax(2)  # a key fills at most one slot
     position = torch.arange(length)
     tile_of = torch.clamp(position // tile, max=num_tiles - 1)
     output = tile_of * tile + position - tile_start[tile_of]

@@ -254,39 +254,172 @@ def _fused(ndim, query, key, value, kernel_size, dilation, is_causal, rpb, scale
     return out + torch.einsum("b...ht,bthd->b...hd", attn[..., window:], extra_v)
 
 
-def _make(ndim: int):
-    """NATTEN 0.17.4's three ``na{ndim}d*`` ops, with its signatures (keyword names and order)."""
-
-    def na_qk(query: Tensor, key: Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
-              additional_keys: Optional[Tensor] = None, is_causal: Optional[BoolOrTuple] = False,
-              rpb: Optional[Tensor] = None) -> Tensor:
-        return _qk(ndim, query, key, kernel_size, dilation, additional_keys, is_causal, rpb, f"na{ndim}d_qk")
-
-    def na_av(attn: Tensor, value: Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
-              additional_values: Optional[Tensor] = None, is_causal: Optional[BoolOrTuple] = False) -> Tensor:
-        return _av(ndim, attn, value, kernel_size, dilation, additional_values, is_causal, f"na{ndim}d_av")
-
-    def na(query: Tensor, key: Tensor, value: Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
-           is_causal: Optional[BoolOrTuple] = False, rpb: Optional[Tensor] = None, scale: Optional[float] = None,
-           additional_keys: Optional[Tensor] = None, additional_values: Optional[Tensor] = None,
-           xformers_kwargs: Optional[dict] = None) -> Tensor:
-        return _fused(ndim, query, key, value, kernel_size, dilation, is_causal, rpb, scale, additional_keys,
-                      additional_values, xformers_kwargs, f"na{ndim}d")
-
-    first, last, axes = _heads_first(ndim), _heads_last(ndim), _AXES[ndim][1:-1]
-    na_qk.__doc__ = (f"``q . k (+ rpb)`` over {ndim}-D windows, unscaled. query, key: heads-first {first}; "
-                     f"returns [batch, heads, {axes}, prod(kernel_size) (+ additional tokens)].")
-    na_av.__doc__ = (f"Window-weighted sum of values. attn: [batch, heads, {axes}, prod(kernel_size) "
-                     f"(+ additional tokens)]; value: heads-first {first}.")
-    na.__doc__ = f"Fused {ndim}-D neighborhood attention; query, key, value heads-last {last}."
-    for f, suffix in ((na_qk, "_qk"), (na_av, "_av"), (na, "")):
-        f.__name__ = f.__qualname__ = f"na{ndim}d{suffix}"
-    return na_qk, na_av, na
+# NATTEN 0.17.4's three ``na{1,2,3}d*`` ops per rank, with its signatures (keyword names and order).
 
 
-na1d_qk, na1d_av, na1d = _make(1)
-na2d_qk, na2d_av, na2d = _make(2)
-na3d_qk, na3d_av, na3d = _make(3)
+def na1d_qk(query: Tensor, key: Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
+            additional_keys: Optional[Tensor] = None, is_causal: Optional[BoolOrTuple] = False,
+            rpb: Optional[Tensor] = None) -> Tensor:
+    """NATTEN 0.17.4's ``na1d_qk``: ``q . k (+ rpb)`` over 1-D windows, unscaled.
+
+    Args:
+        query, key: heads-first [batch, heads, length, head_dim].
+        kernel_size, dilation, is_causal: one value or one per axis.
+        additional_keys: optional [batch, heads, tokens, head_dim] keys every query also sees.
+        rpb: optional relative position bias [heads, 2*k-1] (not with causal axes).
+
+    Returns:
+        [batch, heads, length, prod(kernel_size) (+ additional tokens)].
+    """
+    return _qk(1, query, key, kernel_size, dilation, additional_keys, is_causal, rpb, "na1d_qk")
+
+
+def na1d_av(attn: Tensor, value: Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
+            additional_values: Optional[Tensor] = None, is_causal: Optional[BoolOrTuple] = False) -> Tensor:
+    """NATTEN 0.17.4's ``na1d_av``: window-weighted sum of values.
+
+    Args:
+        attn: [batch, heads, length, prod(kernel_size) (+ additional tokens)].
+        value: heads-first [batch, heads, length, head_dim].
+        kernel_size, dilation, is_causal: as for ``na1d_qk``.
+        additional_values: optional [batch, heads, tokens, head_dim], weighted by attn's last columns.
+
+    Returns:
+        heads-first [batch, heads, length, head_dim].
+    """
+    return _av(1, attn, value, kernel_size, dilation, additional_values, is_causal, "na1d_av")
+
+
+def na1d(query: Tensor, key: Tensor, value: Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
+         is_causal: Optional[BoolOrTuple] = False, rpb: Optional[Tensor] = None, scale: Optional[float] = None,
+         additional_keys: Optional[Tensor] = None, additional_values: Optional[Tensor] = None,
+         xformers_kwargs: Optional[dict] = None) -> Tensor:
+    """NATTEN 0.17.4's fused ``na1d``: 1-D neighborhood attention.
+
+    Args:
+        query, key, value: heads-last [batch, length, heads, head_dim].
+        kernel_size, dilation, is_causal: one value or one per axis.
+        rpb: optional relative position bias (not with causal axes).
+        scale: logit scale; ``None`` or 0 means ``head_dim ** -0.5`` (as NATTEN).
+        additional_keys, additional_values: optional extra tokens every query also attends to,
+            sharing the window's softmax; given together.
+        xformers_kwargs: only ``scale`` is understood (it applies to the additional tokens' path).
+
+    Returns:
+        heads-last [batch, length, heads, head_dim].
+    """
+    return _fused(1, query, key, value, kernel_size, dilation, is_causal, rpb, scale, additional_keys,
+                  additional_values, xformers_kwargs, "na1d")
+
+
+def na2d_qk(query: Tensor, key: Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
+            additional_keys: Optional[Tensor] = None, is_causal: Optional[BoolOrTuple] = False,
+            rpb: Optional[Tensor] = None) -> Tensor:
+    """NATTEN 0.17.4's ``na2d_qk``: ``q . k (+ rpb)`` over 2-D windows, unscaled.
+
+    Args:
+        query, key: heads-first [batch, heads, height, width, head_dim].
+        kernel_size, dilation, is_causal: one value or one per axis.
+        additional_keys: optional [batch, heads, tokens, head_dim] keys every query also sees.
+        rpb: optional relative position bias [heads, 2*k-1, 2*k-1] (not with causal axes).
+
+    Returns:
+        [batch, heads, height, width, prod(kernel_size) (+ additional tokens)].
+    """
+    return _qk(2, query, key, kernel_size, dilation, additional_keys, is_causal, rpb, "na2d_qk")
+
+
+def na2d_av(attn: Tensor, value: Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
+            additional_values: Optional[Tensor] = None, is_causal: Optional[BoolOrTuple] = False) -> Tensor:
+    """NATTEN 0.17.4's ``na2d_av``: window-weighted sum of values.
+
+    Args:
+        attn: [batch, heads, height, width, prod(kernel_size) (+ additional tokens)].
+        value: heads-first [batch, heads, height, width, head_dim].
+        kernel_size, dilation, is_causal: as for ``na2d_qk``.
+        additional_values: optional [batch, heads, tokens, head_dim], weighted by attn's last columns.
+
+    Returns:
+        heads-first [batch, heads, height, width, head_dim].
+    """
+    return _av(2, attn, value, kernel_size, dilation, additional_values, is_causal, "na2d_av")
+
+
+def na2d(query: Tensor, key: Tensor, value: Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
+         is_causal: Optional[BoolOrTuple] = False, rpb: Optional[Tensor] = None, scale: Optional[float] = None,
+         additional_keys: Optional[Tensor] = None, additional_values: Optional[Tensor] = None,
+         xformers_kwargs: Optional[dict] = None) -> Tensor:
+    """NATTEN 0.17.4's fused ``na2d``: 2-D neighborhood attention.
+
+    Args:
+        query, key, value: heads-last [batch, height, width, heads, head_dim].
+        kernel_size, dilation, is_causal: one value or one per axis.
+        rpb: optional relative position bias (not with causal axes).
+        scale: logit scale; ``None`` or 0 means ``head_dim ** -0.5`` (as NATTEN).
+        additional_keys, additional_values: optional extra tokens every query also attends to,
+            sharing the window's softmax; given together.
+        xformers_kwargs: only ``scale`` is understood (it applies to the additional tokens' path).
+
+    Returns:
+        heads-last [batch, height, width, heads, head_dim].
+    """
+    return _fused(2, query, key, value, kernel_size, dilation, is_causal, rpb, scale, additional_keys,
+                  additional_values, xformers_kwargs, "na2d")
+
+
+def na3d_qk(query: Tensor, key: Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
+            additional_keys: Optional[Tensor] = None, is_causal: Optional[BoolOrTuple] = False,
+            rpb: Optional[Tensor] = None) -> Tensor:
+    """NATTEN 0.17.4's ``na3d_qk``: ``q . k (+ rpb)`` over 3-D windows, unscaled.
+
+    Args:
+        query, key: heads-first [batch, heads, depth, height, width, head_dim].
+        kernel_size, dilation, is_causal: one value or one per axis.
+        additional_keys: optional [batch, heads, tokens, head_dim] keys every query also sees.
+        rpb: optional relative position bias [heads, 2*k-1, 2*k-1, 2*k-1] (not with causal axes).
+
+    Returns:
+        [batch, heads, depth, height, width, prod(kernel_size) (+ additional tokens)].
+    """
+    return _qk(3, query, key, kernel_size, dilation, additional_keys, is_causal, rpb, "na3d_qk")
+
+
+def na3d_av(attn: Tensor, value: Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
+            additional_values: Optional[Tensor] = None, is_causal: Optional[BoolOrTuple] = False) -> Tensor:
+    """NATTEN 0.17.4's ``na3d_av``: window-weighted sum of values.
+
+    Args:
+        attn: [batch, heads, depth, height, width, prod(kernel_size) (+ additional tokens)].
+        value: heads-first [batch, heads, depth, height, width, head_dim].
+        kernel_size, dilation, is_causal: as for ``na3d_qk``.
+        additional_values: optional [batch, heads, tokens, head_dim], weighted by attn's last columns.
+
+    Returns:
+        heads-first [batch, heads, depth, height, width, head_dim].
+    """
+    return _av(3, attn, value, kernel_size, dilation, additional_values, is_causal, "na3d_av")
+
+
+def na3d(query: Tensor, key: Tensor, value: Tensor, kernel_size: IntOrTuple, dilation: IntOrTuple = 1,
+         is_causal: Optional[BoolOrTuple] = False, rpb: Optional[Tensor] = None, scale: Optional[float] = None,
+         additional_keys: Optional[Tensor] = None, additional_values: Optional[Tensor] = None,
+         xformers_kwargs: Optional[dict] = None) -> Tensor:
+    """NATTEN 0.17.4's fused ``na3d``: 3-D neighborhood attention.
+
+    Args:
+        query, key, value: heads-last [batch, depth, height, width, heads, head_dim].
+        kernel_size, dilation, is_causal: one value or one per axis.
+        rpb: optional relative position bias (not with causal axes).
+        scale: logit scale; ``None`` or 0 means ``head_dim ** -0.5`` (as NATTEN).
+        additional_keys, additional_values: optional extra tokens every query also attends to,
+            sharing the window's softmax; given together.
+        xformers_kwargs: only ``scale`` is understood (it applies to the additional tokens' path).
+
+    Returns:
+        heads-last [batch, depth, height, width, heads, head_dim].
+    """
+    return _fused(3, query, key, value, kernel_size, dilation, is_causal, rpb, scale, additional_keys,
+                  additional_values, xformers_kwargs, "na3d")
 
 
 # ---------------------------------------------------------------------------------------------

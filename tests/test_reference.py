@@ -140,7 +140,7 @@ def test_inverse_tables_match_windows(k, d, extra, causal):
 
 def test_neighborhood_flat_order_is_row_major():
     params = NAParams((3, 2), (1, 2), (False, False))
-    index, valid, rpb_index = geometry.neighborhood((5, 6), params)
+    index, valid, rpb_bin = geometry.neighborhood((5, 6), params)
     assert valid is None and index.shape == (30, 6)
     nb0, _, r0 = geometry.axis_window(5, 3, 1, False)
     nb1, _, r1 = geometry.axis_window(6, 2, 2, False)
@@ -148,4 +148,4 @@ def test_neighborhood_flat_order_is_row_major():
     expected = [a * 6 + b for a in nb0[i0].tolist() for b in nb1[i1].tolist()]
     assert index[i0 * 6 + i1].tolist() == expected
     expected_rel = [a * 3 + b for a in r0[i0].tolist() for b in r1[i1].tolist()]
-    assert rpb_index[i0 * 6 + i1].tolist() == expected_rel
+    assert rpb_bin[i0 * 6 + i1].tolist() == expected_rel

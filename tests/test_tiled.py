@@ -163,7 +163,7 @@ def test_tile_tables_hold_exactly_each_query_window(p, tile):
     rpb indices; every query sits in one tile row that output_index points to."""
     tables = geometry.tile_tables(p.spatial, p.kernel_size, p.is_causal, (tile,) * p.ndim)
     params = NAParams(p.kernel_size, (1,) * p.ndim, p.is_causal)
-    index, valid, rpb_index = geometry.neighborhood(p.spatial, params)
+    index, valid, rpb_bin = geometry.neighborhood(p.spatial, params)
     T, tile_size, halo = tables.num_tiles, tables.tile_size, tables.halo_size
     queries = tables.query_index.view(T, tile_size)
     keys = tables.halo_index.view(T, halo)
@@ -176,7 +176,7 @@ def test_tile_tables_hold_exactly_each_query_window(p, tile):
             inside = tables.bias_index[t, pos] != tables.num_rpb
             got = dict(zip(keys[t][inside].tolist(), tables.bias_index[t, pos][inside].tolist()))
             slots = valid[query] if valid is not None else torch.ones(index.shape[1], dtype=torch.bool)
-            want = dict(zip(index[query][slots].tolist(), rpb_index[query][slots].tolist()))
+            want = dict(zip(index[query][slots].tolist(), rpb_bin[query][slots].tolist()))
             assert got == want
 
 
