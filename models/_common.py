@@ -18,7 +18,7 @@ from timm.models import build_model_with_cfg
 from ._checkpoint import CheckpointFormatMixin, checkpoint_filter_fn
 
 __all__ = [
-    "NATModelBase", "alternating_dilations", "build_nat_model", "check_global_pool", "check_output_fmt", "make_head",
+    "NATModelBase", "alternating_dilations", "build_nat_model", "drop_path_rates", "check_global_pool", "check_output_fmt", "make_head",
     "pretrained_cfg", "to_output_fmt",
 ]
 
@@ -105,6 +105,15 @@ def pretrained_cfg(url: str = "", hf: str = "", input_size=(3, 224, 224), reduct
         "origin_url": "https://github.com/SHI-Labs/Neighborhood-Attention-Transformer",
         **kwargs,
     }
+
+
+def drop_path_rates(drop_path_rate: float, depths: Sequence[int]) -> List[List[float]]:
+    """Stochastic depth per block, rising linearly from 0 to ``drop_path_rate`` over all blocks, split per level.
+
+    Newer timm has ``timm.layers.calculate_drop_path_rates`` for this; our minimum timm (1.0.15) lacks it.
+    """
+    rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu")
+    return [level.tolist() for level in rates.split(list(depths))]
 
 
 def alternating_dilations(depth: int, dilation: int) -> List[int]:

@@ -19,7 +19,8 @@ from timm.models._features import feature_take_indices
 
 from ._checkpoint import checkpoint_filter_fn
 from ._common import (
-    NATModelBase, build_nat_model, check_global_pool, check_output_fmt, make_head, pretrained_cfg, to_output_fmt,
+    NATModelBase, build_nat_model, check_global_pool, check_output_fmt, drop_path_rates, make_head,
+    pretrained_cfg, to_output_fmt,
 )
 from .layers import NATLayer, check_dilations, init_weights, per_level
 
@@ -195,8 +196,7 @@ class HierarchicalNAT(NATModelBase):
 
         self.patch_embed = self._make_stem(in_chans, embed_dim, norm_layer, **dd)
         self.pos_drop = nn.Dropout(p=drop_rate)
-        # Stochastic depth rises linearly from 0 to drop_path_rate over all blocks.
-        dpr = [r.tolist() for r in torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(depths)]
+        dpr = drop_path_rates(drop_path_rate, depths)
         levels = []
         self.feature_info = []
         reduction = self.stem_reduction

@@ -17,7 +17,8 @@ from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ._common import (
-    NATModelBase, build_nat_model, check_global_pool, check_output_fmt, make_head, pretrained_cfg, to_output_fmt,
+    NATModelBase, build_nat_model, check_global_pool, check_output_fmt, drop_path_rates, make_head,
+    pretrained_cfg, to_output_fmt,
 )
 from .dinat_s import PatchEmbed
 from .layers import GlobalAttentionRPB, NATLayer, init_weights, is_int, is_sequence
@@ -95,7 +96,7 @@ class NATIsotropic(NATModelBase):
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, norm_layer, **dd)
         self.pos_drop = nn.Dropout(p=drop_rate)
-        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        (dpr,) = drop_path_rates(drop_path_rate, (depth,))
         blocks = []
         for i in range(depth):
             attn = None

@@ -11,7 +11,9 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, register_notrace_function, register_notrace_module, trunc_normal_
+from timm.layers import (
+    DropPath, Mlp, register_notrace_function, register_notrace_module, resize_rel_pos_bias_table_simple, trunc_normal_,
+)
 
 import kernels
 
@@ -230,8 +232,7 @@ class GlobalAttentionRPB(nn.Module):
             # A map larger than the table was trained for: resize the table bicubically to cover it
             # (the same resampling the authors used to move RPBs to a new kernel size).
             size = max(height, width)
-            table = F.interpolate(self.rpb.unsqueeze(0), size=(2 * size - 1, 2 * size - 1), mode="bicubic",
-                                  align_corners=False).squeeze(0)
+            table = resize_rel_pos_bias_table_simple(self.rpb, (size, size), (self.num_heads, 2 * size - 1, 2 * size - 1))
         index = _global_rpb_index(height, width, size).to(table.device)
         return table.reshape(self.num_heads, -1)[:, index]
 

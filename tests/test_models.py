@@ -353,6 +353,32 @@ def test_rpb_of_another_kernel_size_needs_interpolate_rpb(tmp_path):
     torch.testing.assert_close(model.levels[0].blocks[1].mlp.fc1.weight, source.levels[0].blocks[1].mlp.fc1.weight)
 
 
+def _bicubic_resize(table: torch.Tensor, side: int) -> torch.Tensor:
+    """The resizing both RPB resizers stood for before they called timm's: F.interpolate, bicubic, corners not aligned."""
+    return torch.nn.functional.interpolate(table.unsqueeze(0), size=(side, side), mode="bicubic",
+                                           align_corners=False).squeeze(0)
+
+
+@pytest.mark.parametrize("heads, src_kernel, dst_kernel", [(3, 7, 11), (2, 11, 7), (4, 5, 9), (1, 7, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rpb_resizers_are_bicubic_interpolation(heads, src_kernel, dst_kernel, dtype):
+    torch.manual_seed(src_kernel * dst_kernel + heads)
+    table = torch.randn(heads, 2 * src_kernel - 1, 2 * src_kernel - 1).to(dtype)
+    # interpolate_rpb (checkpoints): computed in float32, returned in the table's dtype
+    expected = _bicubic_resize(table.float(), 2 * dst_kernel - 1).to(dtype)
+    torch.testing.assert_close(models.interpolate_rpb(table, dst_kernel), expected, rtol=0, atol=0)
+    # GlobalAttentionRPB on a map larger than its table: resized in the table's own dtype
+    layer = GlobalAttentionRPB(8 * heads, heads, input_size=src_kernel, dtype=dtype)
+    with torch.no_grad():
+        layer.rpb.copy_(table)
+        side = max(src_kernel, dst_kernel)
+        resized = _bicubic_resize(table, 2 * side - 1) if side > src_kernel else table
+        bias = layer.relative_bias(side, side)  # [heads, query, key], offsets key - query shifted by side - 1
+    # the first query sees offsets 0 .. side-1, the last one -(side-1) .. 0
+    torch.testing.assert_close(bias[:, 0], resized[:, side - 1:, side - 1:].reshape(heads, -1), rtol=0, atol=0)
+    torch.testing.assert_close(bias[:, -1], resized[:, :side, :side].reshape(heads, -1), rtol=0, atol=0)
+
+
 def _dense_layer(layer: NeighborhoodAttention2d, x: torch.Tensor) -> torch.Tensor:
     """The original layer written densely: pad right/bottom to k*d, qkv, brute-force NA, crop, proj."""
     B, H, W, C = x.shape
