@@ -215,6 +215,18 @@ class HierarchicalNAT(NATModelBase):
         self.head = make_head(self.num_features, num_classes, **dd)
         self.apply(init_weights)
 
+    def get_levels(self) -> nn.ModuleList:
+        """The ``NATLevel`` modules in order, under whichever name the family stores them (``levels_attr``).
+
+        Each has ``blocks`` (its ``NATLayer`` s, whose ``attn`` is the ``NeighborhoodAttention2d``) and
+        ``downsample`` (None for the last level). Level ``i`` sees the image at
+        ``1 / (stem_reduction * 2**i)`` resolution.
+
+        Python only: TorchScript cannot look an attribute up by a string, so scripted methods
+        (``forward_features``) name the list.
+        """
+        return getattr(self, self.levels_attr)
+
     # --- construction hooks -------------------------------------------------------------------
     stem_reduction = 4
 
@@ -223,9 +235,6 @@ class HierarchicalNAT(NATModelBase):
 
     def _make_downsample(self, dim, norm_layer, **dd) -> nn.Module:
         return ConvDownsampler(dim, norm_layer, **dd)
-
-    def _levels(self) -> nn.ModuleList:
-        return getattr(self, self.levels_attr)
 
     # --- timm model interface (the rest is NATModelBase's) ---------------------------------------
     @torch.jit.ignore
@@ -243,7 +252,7 @@ class HierarchicalNAT(NATModelBase):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         super().set_grad_checkpointing(enable)
-        for level in self._levels():
+        for level in self.get_levels():
             level.grad_checkpointing = enable
 
     def forward_intermediates(
@@ -261,7 +270,7 @@ class HierarchicalNAT(NATModelBase):
         final norm to the last level's map (the only one it is sized for).
         """
         check_output_fmt(output_fmt)
-        levels = self._levels()
+        levels = self.get_levels()
         take_indices, max_index = feature_take_indices(len(levels), indices)
         intermediates = []
         x = self.pos_drop(self.patch_embed(x))
@@ -281,7 +290,7 @@ class HierarchicalNAT(NATModelBase):
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
         """Drop the levels (and norm/head) that the requested intermediates do not need."""
-        levels = self._levels()
+        levels = self.get_levels()
         take_indices, max_index = feature_take_indices(len(levels), indices)
         kept = levels[:max_index + 1]
         kept[-1].downsample = None  # nothing consumes its output any more
@@ -295,7 +304,7 @@ class HierarchicalNAT(NATModelBase):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pos_drop(self.patch_embed(x))
-        # The list by its name, not _levels(): TorchScript cannot look an attribute up by a string.
+        # The list by its name, not get_levels(): TorchScript cannot look an attribute up by a string.
         # A subclass with another levels_attr overrides this method.
         for level in self.levels:
             x = level(x)

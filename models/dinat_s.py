@@ -83,7 +83,7 @@ class DiNATs(HierarchicalNAT):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pos_drop(self.patch_embed(x))
-        for level in self.layers:  # by name, not _levels(): TorchScript cannot look an attribute up
+        for level in self.layers:  # by name, not get_levels(): TorchScript cannot look an attribute up
             x = level(x)
         return self.norm(x)
 

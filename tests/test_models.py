@@ -465,6 +465,17 @@ def test_features_only_prunes_unused_levels():
     assert features.feature_info.channels() == [32, 64] and features.feature_info.reduction() == [4, 8]
 
 
+@pytest.mark.parametrize("name, container", [("dinat_mini", "levels"), ("dinat_s_tiny", "layers")])
+def test_get_levels_is_the_level_list_of_either_family(name, container):
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    levels = model.get_levels()
+    assert levels is getattr(model, container) and len(levels) == 4
+    assert [level.downsample is None for level in levels] == [False, False, False, True]
+    dilations = [[block.attn.dilation for block in level.blocks] for level in levels]
+    assert dilations[0][:2] == [1, 8] and dilations[1][:2] == [1, 4] and set(dilations[3]) == {1}
+
+
 # --- timm's model conventions ---------------------------------------------------------------------
 # What timm's own model suite (tests/test_models.py of timm) checks for its models, asserted here in
 # our words on shrunk models so that CI guards it; docs/models.md records a run of timm's suite itself.
