@@ -25,15 +25,15 @@ import torch
 import torch.nn as nn
 
 import kernels
-import models  # noqa: F401  (registers dinat_* / nat_* with timm)
+import models  # registers dinat_* / nat_* with timm
 
 DEFAULT_MODELS = ("nat_tiny", "dinat_tiny")
 
 
 def stage_blocks(model: nn.Module, stage: int) -> nn.Sequential:
     """The blocks of one stage: a level of a hierarchical model, or all blocks of an isotropic one."""
-    if hasattr(model, "_levels"):
-        levels = model._levels()
+    if isinstance(model, models.HierarchicalNAT):
+        levels = model.get_levels()
         if not 0 <= stage < len(levels):
             raise ValueError(f"stage must be in [0, {len(levels) - 1}] for this model; got {stage}")
         return levels[stage].blocks
@@ -44,7 +44,7 @@ def stage_blocks(model: nn.Module, stage: int) -> nn.Sequential:
 
 def stage_input_shape(model: nn.Module, stage: int, image_size: int) -> tuple[int, int, int]:
     """(height, width, channels) of the tokens entering ``stage`` for a square image."""
-    index = stage if hasattr(model, "_levels") else 0  # isotropic: block 0 keeps the map's shape
+    index = stage if isinstance(model, models.HierarchicalNAT) else 0  # isotropic: block 0 keeps the map's shape
     in_chans = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels  # the stem's
     with torch.no_grad():
         (feature,) = model.forward_intermediates(torch.zeros(1, in_chans, image_size, image_size), indices=[index],

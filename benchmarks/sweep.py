@@ -75,7 +75,7 @@ def model_shapes(model_names: Sequence[str], img_size: int, batch: int) -> list[
     """
     import timm
 
-    import models  # noqa: F401  (registers the DiNAT family with timm)
+    import models  # registers the DiNAT family with timm
     from models.layers import NeighborhoodAttention2d
 
     shapes: list[NAShape] = []
@@ -85,10 +85,10 @@ def model_shapes(model_names: Sequence[str], img_size: int, batch: int) -> list[
                 model = timm.create_model(name, pretrained=False)
         except RuntimeError as exc:
             raise ValueError(f"--models: {name!r} is not a model of the registry ({exc})") from None
-        if not hasattr(model, "_levels"):
+        if not isinstance(model, models.HierarchicalNAT):
             raise ValueError(f"--models: {name!r} is not a hierarchical DiNAT/NAT model (no levels)")
         size = math.ceil(img_size / model.stem_reduction)
-        for level in model._levels():
+        for level in model.get_levels():
             for attn in level.modules():
                 if isinstance(attn, NeighborhoodAttention2d):
                     shape = NAShape(batch, (size, size), attn.num_heads, attn.head_dim, (attn.kernel_size,) * 2,

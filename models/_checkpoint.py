@@ -14,7 +14,7 @@ from typing import Dict
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from timm.layers import resize_rel_pos_bias_table_simple
 
 __all__ = [
     "checkpoint_filter_fn",
@@ -111,8 +111,9 @@ def interpolate_rpb(rpb: torch.Tensor, kernel_size: int) -> torch.Tensor:
     Swin uses when its window size changes).
     """
     size = 2 * kernel_size - 1
-    resized = F.interpolate(rpb.float().unsqueeze(0), size=(size, size), mode="bicubic", align_corners=False)
-    return resized.squeeze(0).to(rpb.dtype)
+    # timm's resizer for [heads, 2k-1, 2k-1] tables (bicubic, align_corners=False), computed in float32.
+    resized = resize_rel_pos_bias_table_simple(rpb.float(), (kernel_size, kernel_size), (rpb.shape[0], size, size))
+    return resized.to(rpb.dtype)
 
 
 def _summarise(keys, limit=12):

@@ -14,19 +14,31 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ._checkpoint import checkpoint_filter_fn
-from ._common import NATModelBase, build_nat_model, check_global_pool, check_output_fmt, make_head, to_output_fmt
+from ._common import (
+    NATModelBase, build_nat_model, check_global_pool, check_output_fmt, drop_path_rates, make_head,
+    pretrained_cfg, to_output_fmt,
+)
 from .layers import NATLayer, check_dilations, init_weights, per_level
 
 __all__ = ["ConvTokenizer", "ConvDownsampler", "NATLevel", "HierarchicalNAT", "DiNAT", "checkpoint_filter_fn"]
 
 
 class ConvTokenizer(nn.Module):
-    """Two overlapping 3x3 stride-2 convolutions (no activation between) -> channels-last -> norm."""
+    """Two overlapping 3x3 stride-2 convolutions (no activation between) -> channels-last -> norm.
+
+    NCHW image in, NHWC tokens at 1/4 resolution out.
+
+    Args:
+        in_chans: image channels.
+        embed_dim: output channels (the first convolution gives half of them).
+        norm_layer: the norm applied to the tokens, called as ``norm_layer(embed_dim)``.
+        device: where the parameters are created (e.g. ``"meta"``).
+        dtype: the parameters' dtype.
+    """
 
     def __init__(self, in_chans: int = 3, embed_dim: int = 64, norm_layer=nn.LayerNorm, device=None, dtype=None):
         super().__init__()
@@ -42,7 +54,14 @@ class ConvTokenizer(nn.Module):
 
 
 class ConvDownsampler(nn.Module):
-    """Overlapping 3x3 stride-2 convolution doubling the channels, then norm (channels-last in/out)."""
+    """Overlapping 3x3 stride-2 convolution doubling the channels, then norm (channels-last in/out).
+
+    Args:
+        dim: input channels (the output has ``2 * dim``).
+        norm_layer: the norm after the convolution, called as ``norm_layer(2 * dim)``.
+        device: where the parameters are created (e.g. ``"meta"``).
+        dtype: the parameters' dtype.
+    """
 
     def __init__(self, dim: int, norm_layer=nn.LayerNorm, device=None, dtype=None):
         super().__init__()
@@ -55,7 +74,26 @@ class ConvDownsampler(nn.Module):
 
 
 class NATLevel(nn.Module):
-    """One resolution level: ``blocks`` (NA transformer layers), then an optional ``downsample``."""
+    """One resolution level: ``blocks`` (NA transformer layers), then an optional ``downsample``.
+
+    Args:
+        dim: channels of the level's tokens.
+        depth: number of blocks.
+        num_heads: attention heads per block.
+        kernel_size: the NA window (odd, >= 3).
+        dilations: one dilation per block.
+        downsample: applied after the blocks (None for the last level).
+        mlp_ratio: MLP hidden width over ``dim``.
+        qkv_bias: bias in the qkv projection.
+        drop: dropout after the attention projection and in the MLP.
+        attn_drop: dropout on the attention weights.
+        drop_path: one stochastic-depth rate per block.
+        layer_scale: None, or the initial per-channel scale of both residual branches.
+        norm_layer: the blocks' norm.
+        na_backend: the ``kernels.na2d`` backend (``"auto"`` picks one for the device).
+        device: where the parameters are created (e.g. ``"meta"``).
+        dtype: the parameters' dtype.
+    """
 
     def __init__(self, dim: int, depth: int, num_heads: int, kernel_size: int, dilations: Sequence[int],
                  downsample: Optional[nn.Module], mlp_ratio: float, qkv_bias: bool, drop: float, attn_drop: float,
@@ -85,6 +123,29 @@ class HierarchicalNAT(NATModelBase):
     """Four-level NA transformer; subclasses choose the stem, the downsampler and the level container name.
 
     Features stay channels-last (NHWC) throughout; ``forward_features`` returns the normed last map.
+    Level ``i`` has ``embed_dim * 2**i`` channels; a downsampler halves the map after every level but
+    the last.
+
+    Args:
+        in_chans: image channels.
+        num_classes: classifier outputs (0: no head, ``forward`` gives the pooled features).
+        embed_dim: channels of the first level.
+        depths: blocks per level (its length is the number of levels).
+        num_heads: attention heads, one for every level or one per level.
+        kernel_size: the NA window (odd, >= 3), one for every level or one per level.
+        dilations: one list per level with one int >= 1 per block; None: every dilation 1 (NAT).
+        mlp_ratio: MLP hidden width over the block's channels; None: the family's default
+            (``default_mlp_ratio``).
+        qkv_bias: bias in the qkv projections.
+        drop_rate: dropout after the stem, the attention projections and in the MLPs.
+        attn_drop_rate: dropout on the attention weights (needs a backend with the unfused ops).
+        drop_path_rate: stochastic depth of the last block; it rises linearly from 0 over all blocks.
+        layer_scale: None, or the initial per-channel scale of every residual branch (e.g. 1e-5).
+        global_pool: ``"avg"`` (average over the map before the head) or ``""`` (no pooling).
+        na_backend: the ``kernels.na2d`` backend (``"auto"`` picks one for the device).
+        norm_layer: the norm used throughout, called as ``norm_layer(channels)``.
+        device: where the parameters are created (e.g. ``"meta"``).
+        dtype: the parameters' dtype.
     """
 
     levels_attr = "levels"  # state-dict name of the level list in the authors' code
@@ -135,8 +196,7 @@ class HierarchicalNAT(NATModelBase):
 
         self.patch_embed = self._make_stem(in_chans, embed_dim, norm_layer, **dd)
         self.pos_drop = nn.Dropout(p=drop_rate)
-        # Stochastic depth rises linearly from 0 to drop_path_rate over all blocks.
-        dpr = [r.tolist() for r in torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(depths)]
+        dpr = drop_path_rates(drop_path_rate, depths)
         levels = []
         self.feature_info = []
         reduction = self.stem_reduction
@@ -155,6 +215,18 @@ class HierarchicalNAT(NATModelBase):
         self.head = make_head(self.num_features, num_classes, **dd)
         self.apply(init_weights)
 
+    def get_levels(self) -> nn.ModuleList:
+        """The ``NATLevel`` modules in order, under whichever name the family stores them (``levels_attr``).
+
+        Each has ``blocks`` (its ``NATLayer`` s, whose ``attn`` is the ``NeighborhoodAttention2d``) and
+        ``downsample`` (None for the last level). Level ``i`` sees the image at
+        ``1 / (stem_reduction * 2**i)`` resolution.
+
+        Python only: TorchScript cannot look an attribute up by a string, so scripted methods
+        (``forward_features``) name the list.
+        """
+        return getattr(self, self.levels_attr)
+
     # --- construction hooks -------------------------------------------------------------------
     stem_reduction = 4
 
@@ -163,9 +235,6 @@ class HierarchicalNAT(NATModelBase):
 
     def _make_downsample(self, dim, norm_layer, **dd) -> nn.Module:
         return ConvDownsampler(dim, norm_layer, **dd)
-
-    def _levels(self) -> nn.ModuleList:
-        return getattr(self, self.levels_attr)
 
     # --- timm model interface (the rest is NATModelBase's) ---------------------------------------
     @torch.jit.ignore
@@ -183,7 +252,7 @@ class HierarchicalNAT(NATModelBase):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         super().set_grad_checkpointing(enable)
-        for level in self._levels():
+        for level in self.get_levels():
             level.grad_checkpointing = enable
 
     def forward_intermediates(
@@ -201,7 +270,7 @@ class HierarchicalNAT(NATModelBase):
         final norm to the last level's map (the only one it is sized for).
         """
         check_output_fmt(output_fmt)
-        levels = self._levels()
+        levels = self.get_levels()
         take_indices, max_index = feature_take_indices(len(levels), indices)
         intermediates = []
         x = self.pos_drop(self.patch_embed(x))
@@ -221,7 +290,7 @@ class HierarchicalNAT(NATModelBase):
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
         """Drop the levels (and norm/head) that the requested intermediates do not need."""
-        levels = self._levels()
+        levels = self.get_levels()
         take_indices, max_index = feature_take_indices(len(levels), indices)
         kept = levels[:max_index + 1]
         kept[-1].downsample = None  # nothing consumes its output any more
@@ -235,7 +304,7 @@ class HierarchicalNAT(NATModelBase):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pos_drop(self.patch_embed(x))
-        # The list by its name, not _levels(): TorchScript cannot look an attribute up by a string.
+        # The list by its name, not get_levels(): TorchScript cannot look an attribute up by a string.
         # A subclass with another levels_attr overrides this method.
         for level in self.levels:
             x = level(x)
@@ -243,28 +312,11 @@ class HierarchicalNAT(NATModelBase):
 
 
 class DiNAT(HierarchicalNAT):
-    """NAT / DiNAT (NAT is DiNAT with every dilation 1): conv tokenizer, conv downsamplers."""
+    """NAT / DiNAT (NAT is DiNAT with every dilation 1): conv tokenizer, conv downsamplers.
 
-
-def _cfg(url: str = "", hf: str = "", input_size=(3, 224, 224), reduction: int = 32, **kwargs) -> dict:
-    """A pretrained cfg; ``pool_size`` is the unpooled feature map at ``input_size`` (``reduction`` px per token)."""
-    return {
-        "url": url,
-        "hf_hub_id": hf or None,
-        "num_classes": 1000,
-        "input_size": input_size,
-        "pool_size": (input_size[1] // reduction, input_size[2] // reduction),
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-        "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj.0",
-        "classifier": "head",
-        "license": "mit",
-        "origin_url": "https://github.com/SHI-Labs/Neighborhood-Attention-Transformer",
-        **kwargs,
-    }
+    Args: as ``HierarchicalNAT`` (MLP ratio 3 unless given). State-dict keys follow the authors' code
+    (``levels.{i}.blocks.{j}``, ``levels.{i}.downsample``).
+    """
 
 
 _DINAT_URL = "https://shilab.cs.uoregon.edu/projects/dinat/checkpoints/imagenet1k/"
@@ -274,113 +326,115 @@ _NAT_PAPER = dict(paper_ids="arXiv:2204.07143", paper_name="Neighborhood Attenti
 
 # Published ImageNet-1k top-1 (and GMACs at the cfg's input size), recorded as notes.
 default_cfgs = generate_default_cfgs({
-    "nat_mini.in1k": _cfg(_NAT_URL + "nat_mini.pth", "shi-labs/nat-mini-in1k-224", crop_pct=0.875,
+    "nat_mini.in1k": pretrained_cfg(_NAT_URL + "nat_mini.pth", "shi-labs/nat-mini-in1k-224", crop_pct=0.875,
                           notes=("top-1 81.8", "2.7 GMACs"), **_NAT_PAPER),
-    "nat_tiny.in1k": _cfg(_NAT_URL + "nat_tiny.pth", "shi-labs/nat-tiny-in1k-224", crop_pct=0.875,
+    "nat_tiny.in1k": pretrained_cfg(_NAT_URL + "nat_tiny.pth", "shi-labs/nat-tiny-in1k-224", crop_pct=0.875,
                           notes=("top-1 83.2", "4.3 GMACs"), **_NAT_PAPER),
-    "nat_small.in1k": _cfg(_NAT_URL + "nat_small.pth", "shi-labs/nat-small-in1k-224", crop_pct=0.875,
+    "nat_small.in1k": pretrained_cfg(_NAT_URL + "nat_small.pth", "shi-labs/nat-small-in1k-224", crop_pct=0.875,
                            notes=("top-1 83.7", "7.8 GMACs"), **_NAT_PAPER),
-    "nat_base.in1k": _cfg(_NAT_URL + "nat_base.pth", "shi-labs/nat-base-in1k-224", crop_pct=0.875,
+    "nat_base.in1k": pretrained_cfg(_NAT_URL + "nat_base.pth", "shi-labs/nat-base-in1k-224", crop_pct=0.875,
                           notes=("top-1 84.3", "13.7 GMACs"), **_NAT_PAPER),
-    "dinat_mini.in1k": _cfg(_DINAT_URL + "dinat_mini_in1k_224.pth", "shi-labs/dinat-mini-in1k-224",
+    "dinat_mini.in1k": pretrained_cfg(_DINAT_URL + "dinat_mini_in1k_224.pth", "shi-labs/dinat-mini-in1k-224",
                             notes=("top-1 81.8", "2.7 GMACs"), **_DINAT_PAPER),
-    "dinat_tiny.in1k": _cfg(_DINAT_URL + "dinat_tiny_in1k_224.pth", "shi-labs/dinat-tiny-in1k-224",
+    "dinat_tiny.in1k": pretrained_cfg(_DINAT_URL + "dinat_tiny_in1k_224.pth", "shi-labs/dinat-tiny-in1k-224",
                             notes=("top-1 82.7", "4.3 GMACs"), **_DINAT_PAPER),
-    "dinat_small.in1k": _cfg(_DINAT_URL + "dinat_small_in1k_224.pth", "shi-labs/dinat-small-in1k-224",
+    "dinat_small.in1k": pretrained_cfg(_DINAT_URL + "dinat_small_in1k_224.pth", "shi-labs/dinat-small-in1k-224",
                              notes=("top-1 83.8", "7.8 GMACs"), **_DINAT_PAPER),
-    "dinat_base.in1k": _cfg(_DINAT_URL + "dinat_base_in1k_224.pth", "shi-labs/dinat-base-in1k-224",
+    "dinat_base.in1k": pretrained_cfg(_DINAT_URL + "dinat_base_in1k_224.pth", "shi-labs/dinat-base-in1k-224",
                             notes=("top-1 84.4", "13.7 GMACs"), **_DINAT_PAPER),
-    "dinat_large.in22k_ft_in1k": _cfg(
+    "dinat_large.in22k_ft_in1k": pretrained_cfg(
         _DINAT_URL + "dinat_large_in22k_in1k_224.pth", "shi-labs/dinat-large-in22k-in1k-224",
         notes=("top-1 86.6",), **_DINAT_PAPER),
-    "dinat_large_384.in22k_ft_in1k": _cfg(
+    "dinat_large_384.in22k_ft_in1k": pretrained_cfg(
         _DINAT_URL + "dinat_large_in22k_in1k_384.pth", "shi-labs/dinat-large-in22k-in1k-384",
         input_size=(3, 384, 384), crop_pct=1.0, notes=("top-1 87.4",), **_DINAT_PAPER),
-    "dinat_large_384_11x11.in22k_ft_in1k": _cfg(
+    "dinat_large_384_11x11.in22k_ft_in1k": pretrained_cfg(
         _DINAT_URL + "dinat_large_in22k_in1k_384_11x11.pth", "shi-labs/dinat-large-11x11-in22k-in1k-384",
         input_size=(3, 384, 384), crop_pct=1.0, notes=("top-1 87.5",), **_DINAT_PAPER),
 })
 
 
-def _alternate(depth: int, dilation: int) -> List[int]:
-    """``[1, d, 1, d, ...]`` over a level's depth (DiNAT interleaves local and sparse global NA)."""
-    return [1 if i % 2 == 0 else dilation for i in range(depth)]
-
-
-def _dinat_dilations(depths: Sequence[int], level_dilations: Sequence[int]) -> List[List[int]]:
-    return [_alternate(depth, d) for depth, d in zip(depths, level_dilations)]
-
-
-_DILATIONS_224 = (8, 4, 2, 1)  # sparse-global dilation per level: 56 / 7, 28 / 7, 14 / 7, 7 / 7
-_DILATIONS_384 = (13, 6, 3, 1)  # ~ 96 / 7, 48 / 7, 24 / 7 at 384 px
-
-_MINI = dict(embed_dim=64, depths=(3, 4, 6, 5), num_heads=(2, 4, 8, 16), mlp_ratio=3.0, drop_path_rate=0.2)
-_TINY = dict(embed_dim=64, depths=(3, 4, 18, 5), num_heads=(2, 4, 8, 16), mlp_ratio=3.0, drop_path_rate=0.2)
-_SMALL = dict(embed_dim=96, depths=(3, 4, 18, 5), num_heads=(3, 6, 12, 24), mlp_ratio=2.0, drop_path_rate=0.3)
-_BASE = dict(embed_dim=128, depths=(3, 4, 18, 5), num_heads=(4, 8, 16, 32), mlp_ratio=2.0, drop_path_rate=0.5)
-_LARGE = dict(embed_dim=192, depths=(3, 4, 18, 5), num_heads=(6, 12, 24, 48), mlp_ratio=2.0, drop_path_rate=0.35)
-
-
-def _build(variant: str, pretrained: bool, arch: dict, kwargs: dict, dilated=None, **extra) -> DiNAT:
-    args = dict(arch, kernel_size=7, **extra)
-    if dilated is not None:
-        # Overridden depths get the default dilation pattern rebuilt for them (unless dilations are given).
-        args["dilations"] = _dinat_dilations(kwargs.get("depths", arch["depths"]), dilated)
-    args.update(kwargs)
-    return build_nat_model(DiNAT, variant, pretrained, (0, 1, 2, 3), **args)
-
+# Each variant's architecture, as the authors' registry gives it. DiNAT's ``sparse_dilations`` are
+# one per level, alternated with dilation 1 block by block: (8, 4, 2, 1) at 224 px makes level i's
+# sparse-global window (7 x dilation) span its whole 56 / 28 / 14 / 7 map; (13, 6, 3, 1) approximates
+# the same at 384 px (96 / 7, 48 / 7, 24 / 7).
 
 @register_model
 def nat_mini(pretrained: bool = False, **kwargs) -> DiNAT:
-    return _build("nat_mini", pretrained, _MINI, kwargs)
+    model_args = dict(embed_dim=64, depths=(3, 4, 6, 5), num_heads=(2, 4, 8, 16), kernel_size=7, mlp_ratio=3.0,
+                      drop_path_rate=0.2)
+    return build_nat_model(DiNAT, "nat_mini", pretrained, dict(model_args, **kwargs))
 
 
 @register_model
 def nat_tiny(pretrained: bool = False, **kwargs) -> DiNAT:
-    return _build("nat_tiny", pretrained, _TINY, kwargs)
+    model_args = dict(embed_dim=64, depths=(3, 4, 18, 5), num_heads=(2, 4, 8, 16), kernel_size=7, mlp_ratio=3.0,
+                      drop_path_rate=0.2)
+    return build_nat_model(DiNAT, "nat_tiny", pretrained, dict(model_args, **kwargs))
 
 
 @register_model
 def nat_small(pretrained: bool = False, **kwargs) -> DiNAT:
-    return _build("nat_small", pretrained, _SMALL, kwargs, layer_scale=1e-5)
+    model_args = dict(embed_dim=96, depths=(3, 4, 18, 5), num_heads=(3, 6, 12, 24), kernel_size=7, mlp_ratio=2.0,
+                      drop_path_rate=0.3, layer_scale=1e-5)
+    return build_nat_model(DiNAT, "nat_small", pretrained, dict(model_args, **kwargs))
 
 
 @register_model
 def nat_base(pretrained: bool = False, **kwargs) -> DiNAT:
-    return _build("nat_base", pretrained, _BASE, kwargs, layer_scale=1e-5)
+    model_args = dict(embed_dim=128, depths=(3, 4, 18, 5), num_heads=(4, 8, 16, 32), kernel_size=7, mlp_ratio=2.0,
+                      drop_path_rate=0.5, layer_scale=1e-5)
+    return build_nat_model(DiNAT, "nat_base", pretrained, dict(model_args, **kwargs))
 
 
 @register_model
 def dinat_mini(pretrained: bool = False, **kwargs) -> DiNAT:
-    return _build("dinat_mini", pretrained, _MINI, kwargs, dilated=_DILATIONS_224)
+    model_args = dict(embed_dim=64, depths=(3, 4, 6, 5), num_heads=(2, 4, 8, 16), kernel_size=7, mlp_ratio=3.0,
+                      drop_path_rate=0.2)
+    return build_nat_model(DiNAT, "dinat_mini", pretrained, dict(model_args, **kwargs), sparse_dilations=(8, 4, 2, 1))
 
 
 @register_model
 def dinat_tiny(pretrained: bool = False, **kwargs) -> DiNAT:
-    return _build("dinat_tiny", pretrained, _TINY, kwargs, dilated=_DILATIONS_224)
+    model_args = dict(embed_dim=64, depths=(3, 4, 18, 5), num_heads=(2, 4, 8, 16), kernel_size=7, mlp_ratio=3.0,
+                      drop_path_rate=0.2)
+    return build_nat_model(DiNAT, "dinat_tiny", pretrained, dict(model_args, **kwargs), sparse_dilations=(8, 4, 2, 1))
 
 
 @register_model
 def dinat_small(pretrained: bool = False, **kwargs) -> DiNAT:
-    return _build("dinat_small", pretrained, _SMALL, kwargs, dilated=_DILATIONS_224)
+    model_args = dict(embed_dim=96, depths=(3, 4, 18, 5), num_heads=(3, 6, 12, 24), kernel_size=7, mlp_ratio=2.0,
+                      drop_path_rate=0.3)
+    return build_nat_model(DiNAT, "dinat_small", pretrained, dict(model_args, **kwargs),
+                           sparse_dilations=(8, 4, 2, 1))
 
 
 @register_model
 def dinat_base(pretrained: bool = False, **kwargs) -> DiNAT:
-    return _build("dinat_base", pretrained, _BASE, kwargs, dilated=_DILATIONS_224, layer_scale=1e-5)
+    model_args = dict(embed_dim=128, depths=(3, 4, 18, 5), num_heads=(4, 8, 16, 32), kernel_size=7, mlp_ratio=2.0,
+                      drop_path_rate=0.5, layer_scale=1e-5)
+    return build_nat_model(DiNAT, "dinat_base", pretrained, dict(model_args, **kwargs), sparse_dilations=(8, 4, 2, 1))
 
 
 @register_model
 def dinat_large(pretrained: bool = False, **kwargs) -> DiNAT:
-    return _build("dinat_large", pretrained, _LARGE, kwargs, dilated=_DILATIONS_224)
+    model_args = dict(embed_dim=192, depths=(3, 4, 18, 5), num_heads=(6, 12, 24, 48), kernel_size=7, mlp_ratio=2.0,
+                      drop_path_rate=0.35)
+    return build_nat_model(DiNAT, "dinat_large", pretrained, dict(model_args, **kwargs),
+                           sparse_dilations=(8, 4, 2, 1))
 
 
 @register_model
 def dinat_large_384(pretrained: bool = False, **kwargs) -> DiNAT:
-    return _build("dinat_large_384", pretrained, _LARGE, kwargs, dilated=_DILATIONS_384)
+    model_args = dict(embed_dim=192, depths=(3, 4, 18, 5), num_heads=(6, 12, 24, 48), kernel_size=7, mlp_ratio=2.0,
+                      drop_path_rate=0.35)
+    return build_nat_model(DiNAT, "dinat_large_384", pretrained, dict(model_args, **kwargs),
+                           sparse_dilations=(13, 6, 3, 1))
 
 
 @register_model
 def dinat_large_384_11x11(pretrained: bool = False, **kwargs) -> DiNAT:
-    kwargs.setdefault("kernel_size", 11)
-    return _build("dinat_large_384_11x11", pretrained, _LARGE, kwargs, dilated=_DILATIONS_224)
+    model_args = dict(embed_dim=192, depths=(3, 4, 18, 5), num_heads=(6, 12, 24, 48), kernel_size=11, mlp_ratio=2.0,
+                      drop_path_rate=0.35)
+    return build_nat_model(DiNAT, "dinat_large_384_11x11", pretrained, dict(model_args, **kwargs),
+                           sparse_dilations=(8, 4, 2, 1))

@@ -7,21 +7,28 @@ authors' code (``layers.{i}.blocks.{j}``, ``layers.{i}.downsample.{norm,reductio
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
 
-from ._common import build_nat_model
-from .dinat import _DILATIONS_224, _DILATIONS_384, HierarchicalNAT, _cfg, _dinat_dilations
+from ._common import build_nat_model, pretrained_cfg
+from .dinat import HierarchicalNAT
 from .layers import pad_to_multiple
 
 __all__ = ["PatchEmbed", "PatchMerging", "DiNATs"]
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping ``patch_size`` conv -> channels-last -> norm; pads the input up to a multiple."""
+    """Non-overlapping ``patch_size`` conv -> channels-last -> norm; pads the input up to a multiple.
+
+    Args:
+        patch_size: side of a patch (the convolution's kernel and stride).
+        in_chans: image channels.
+        embed_dim: output channels.
+        norm_layer: the norm applied to the tokens, called as ``norm_layer(embed_dim)``.
+        device: where the parameters are created (e.g. ``"meta"``).
+        dtype: the parameters' dtype.
+    """
 
     def __init__(self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96, norm_layer=nn.LayerNorm,
                  device=None, dtype=None):
@@ -37,7 +44,14 @@ class PatchEmbed(nn.Module):
 
 
 class PatchMerging(nn.Module):
-    """Swin's 2x2 patch merging: concatenate each 2x2 neighbourhood (4C), norm, Linear(4C, 2C)."""
+    """Swin's 2x2 patch merging: concatenate each 2x2 neighbourhood (4C), norm, Linear(4C, 2C).
+
+    Args:
+        dim: input channels ``C`` (the output has ``2 * C``).
+        norm_layer: the norm on the concatenation, called as ``norm_layer(4 * dim)``.
+        device: where the parameters are created (e.g. ``"meta"``).
+        dtype: the parameters' dtype.
+    """
 
     def __init__(self, dim: int, norm_layer=nn.LayerNorm, device=None, dtype=None):
         super().__init__()
@@ -52,6 +66,12 @@ class PatchMerging(nn.Module):
 
 
 class DiNATs(HierarchicalNAT):
+    """DiNAT on Swin's skeleton: 4x4 patch embedding, patch merging between levels.
+
+    Args: as ``HierarchicalNAT`` (MLP ratio 4 unless given). State-dict keys follow the authors' code
+    (``layers.{i}.blocks.{j}``, ``layers.{i}.downsample``).
+    """
+
     levels_attr = "layers"
     default_mlp_ratio = 4.0
 
@@ -63,7 +83,7 @@ class DiNATs(HierarchicalNAT):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pos_drop(self.patch_embed(x))
-        for level in self.layers:  # by name, not _levels(): TorchScript cannot look an attribute up
+        for level in self.layers:  # by name, not get_levels(): TorchScript cannot look an attribute up
             x = level(x)
         return self.norm(x)
 
@@ -73,48 +93,52 @@ _PAPER = dict(paper_ids="arXiv:2209.15001", paper_name="Dilated Neighborhood Att
               first_conv="patch_embed.proj")
 
 default_cfgs = generate_default_cfgs({
-    "dinat_s_tiny.in1k": _cfg(_URL + "dinat_s_tiny_in1k_224.pth", **_PAPER),
-    "dinat_s_small.in1k": _cfg(_URL + "dinat_s_small_in1k_224.pth", **_PAPER),
-    "dinat_s_base.in1k": _cfg(_URL + "dinat_s_base_in1k_224.pth", **_PAPER),
-    "dinat_s_large.in22k_ft_in1k": _cfg(_URL + "dinat_s_large_in1k_224.pth", **_PAPER),
-    "dinat_s_large_384.in22k_ft_in1k": _cfg(_URL + "dinat_s_large_in1k_384.pth", input_size=(3, 384, 384),
+    "dinat_s_tiny.in1k": pretrained_cfg(_URL + "dinat_s_tiny_in1k_224.pth", **_PAPER),
+    "dinat_s_small.in1k": pretrained_cfg(_URL + "dinat_s_small_in1k_224.pth", **_PAPER),
+    "dinat_s_base.in1k": pretrained_cfg(_URL + "dinat_s_base_in1k_224.pth", **_PAPER),
+    "dinat_s_large.in22k_ft_in1k": pretrained_cfg(_URL + "dinat_s_large_in1k_224.pth", **_PAPER),
+    "dinat_s_large_384.in22k_ft_in1k": pretrained_cfg(_URL + "dinat_s_large_in1k_384.pth", input_size=(3, 384, 384),
                                             crop_pct=1.0, **_PAPER),
 })
 
 
-def _build(variant: str, pretrained: bool, arch: dict, level_dilations: Sequence[int], kwargs: dict) -> DiNATs:
-    args = dict(arch, kernel_size=7, mlp_ratio=4.0,
-                dilations=_dinat_dilations(kwargs.get("depths", arch["depths"]), level_dilations))
-    args.update(kwargs)
-    return build_nat_model(DiNATs, variant, pretrained, (0, 1, 2, 3), **args)
-
-
-_TINY = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2)
-_SMALL = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3)
-_BASE = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5)
-_LARGE = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), drop_path_rate=0.35)
-
+# The authors' DiNAT_s registry: Swin-T/S/B/L sizes, kernel 7, DiNAT's dilations (see models/dinat.py).
 
 @register_model
 def dinat_s_tiny(pretrained: bool = False, **kwargs) -> DiNATs:
-    return _build("dinat_s_tiny", pretrained, _TINY, _DILATIONS_224, kwargs)
+    model_args = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), kernel_size=7, mlp_ratio=4.0,
+                      drop_path_rate=0.2)
+    return build_nat_model(DiNATs, "dinat_s_tiny", pretrained, dict(model_args, **kwargs),
+                           sparse_dilations=(8, 4, 2, 1))
 
 
 @register_model
 def dinat_s_small(pretrained: bool = False, **kwargs) -> DiNATs:
-    return _build("dinat_s_small", pretrained, _SMALL, _DILATIONS_224, kwargs)
+    model_args = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), kernel_size=7, mlp_ratio=4.0,
+                      drop_path_rate=0.3)
+    return build_nat_model(DiNATs, "dinat_s_small", pretrained, dict(model_args, **kwargs),
+                           sparse_dilations=(8, 4, 2, 1))
 
 
 @register_model
 def dinat_s_base(pretrained: bool = False, **kwargs) -> DiNATs:
-    return _build("dinat_s_base", pretrained, _BASE, _DILATIONS_224, kwargs)
+    model_args = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), kernel_size=7, mlp_ratio=4.0,
+                      drop_path_rate=0.5)
+    return build_nat_model(DiNATs, "dinat_s_base", pretrained, dict(model_args, **kwargs),
+                           sparse_dilations=(8, 4, 2, 1))
 
 
 @register_model
 def dinat_s_large(pretrained: bool = False, **kwargs) -> DiNATs:
-    return _build("dinat_s_large", pretrained, _LARGE, _DILATIONS_224, kwargs)
+    model_args = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), kernel_size=7, mlp_ratio=4.0,
+                      drop_path_rate=0.35)
+    return build_nat_model(DiNATs, "dinat_s_large", pretrained, dict(model_args, **kwargs),
+                           sparse_dilations=(8, 4, 2, 1))
 
 
 @register_model
 def dinat_s_large_384(pretrained: bool = False, **kwargs) -> DiNATs:
-    return _build("dinat_s_large_384", pretrained, _LARGE, _DILATIONS_384, kwargs)
+    model_args = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), kernel_size=7, mlp_ratio=4.0,
+                      drop_path_rate=0.35)
+    return build_nat_model(DiNATs, "dinat_s_large_384", pretrained, dict(model_args, **kwargs),
+                           sparse_dilations=(13, 6, 3, 1))

@@ -16,8 +16,10 @@ import torch.nn as nn
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ._common import NATModelBase, build_nat_model, check_global_pool, check_output_fmt, make_head, to_output_fmt
-from .dinat import _alternate, _cfg
+from ._common import (
+    NATModelBase, build_nat_model, check_global_pool, check_output_fmt, drop_path_rates, make_head,
+    pretrained_cfg, to_output_fmt,
+)
 from .dinat_s import PatchEmbed
 from .layers import GlobalAttentionRPB, NATLayer, init_weights, is_int, is_sequence
 
@@ -25,7 +27,32 @@ __all__ = ["NATIsotropic"]
 
 
 class NATIsotropic(NATModelBase):
-    """Isotropic transformer with neighborhood attention (``attention="na"``) or global attention + RPB."""
+    """Isotropic transformer with neighborhood attention (``attention="na"``) or global attention + RPB.
+
+    Args:
+        in_chans: image channels.
+        num_classes: classifier outputs (0: no head, ``forward`` gives the pooled features).
+        img_size: the training image side; sizes the global attention's bias table
+            (``img_size // patch_size`` tokens per side).
+        patch_size: side of the stem's patches (the map is at ``1 / patch_size`` resolution).
+        embed_dim: channels of every block.
+        depth: number of blocks.
+        num_heads: attention heads per block.
+        attention: ``"na"`` (neighborhood attention) or ``"global"`` (self-attention + RPB, ViT+RPB).
+        kernel_size: the NA window (odd, >= 3); unused by global attention.
+        dilations: one int >= 1 per block; None: every dilation 1.
+        mlp_ratio: MLP hidden width over ``embed_dim``.
+        qkv_bias: bias in the qkv projections.
+        drop_rate: dropout after the stem, the attention projections and in the MLPs.
+        attn_drop_rate: dropout on the attention weights.
+        drop_path_rate: stochastic depth of the last block; it rises linearly from 0 over the blocks.
+        layer_scale: None, or the initial per-channel scale of every residual branch.
+        global_pool: ``"avg"`` (average over the map before the head) or ``""`` (no pooling).
+        na_backend: the ``kernels.na2d`` backend (``"auto"`` picks one for the device).
+        norm_layer: the norm used throughout, called as ``norm_layer(embed_dim)``.
+        device: where the parameters are created (e.g. ``"meta"``).
+        dtype: the parameters' dtype.
+    """
 
     def __init__(
             self,
@@ -69,7 +96,7 @@ class NATIsotropic(NATModelBase):
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, norm_layer, **dd)
         self.pos_drop = nn.Dropout(p=drop_rate)
-        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        (dpr,) = drop_path_rates(drop_path_rate, (depth,))
         blocks = []
         for i in range(depth):
             attn = None
@@ -141,51 +168,49 @@ _PAPER = dict(paper_ids="arXiv:2209.15001", paper_name="Dilated Neighborhood Att
               first_conv="patch_embed.proj", reduction=16)
 
 default_cfgs = generate_default_cfgs({
-    "nat_isotropic_small.in1k": _cfg(_URL + "nat_isotropic_small_in1k_224.pth", **_PAPER),
-    "dinat_isotropic_small.in1k": _cfg(_URL + "dinat_isotropic_small_in1k_224.pth", **_PAPER),
-    "vitrpb_small.in1k": _cfg(_URL + "vitrpb_small_in1k_224.pth", **_PAPER),
-    "nat_isotropic_base.in1k": _cfg(_URL + "nat_isotropic_base_in1k_224.pth", **_PAPER),
-    "dinat_isotropic_base.in1k": _cfg(_URL + "dinat_isotropic_base_in1k_224.pth", **_PAPER),
-    "vitrpb_base.in1k": _cfg(_URL + "vitrpb_base_in1k_224.pth", **_PAPER),
+    "nat_isotropic_small.in1k": pretrained_cfg(_URL + "nat_isotropic_small_in1k_224.pth", **_PAPER),
+    "dinat_isotropic_small.in1k": pretrained_cfg(_URL + "dinat_isotropic_small_in1k_224.pth", **_PAPER),
+    "vitrpb_small.in1k": pretrained_cfg(_URL + "vitrpb_small_in1k_224.pth", **_PAPER),
+    "nat_isotropic_base.in1k": pretrained_cfg(_URL + "nat_isotropic_base_in1k_224.pth", **_PAPER),
+    "dinat_isotropic_base.in1k": pretrained_cfg(_URL + "dinat_isotropic_base_in1k_224.pth", **_PAPER),
+    "vitrpb_base.in1k": pretrained_cfg(_URL + "vitrpb_base_in1k_224.pth", **_PAPER),
 })
 
-_SMALL = dict(embed_dim=384, depth=12, num_heads=12, drop_path_rate=0.1)
-_BASE = dict(embed_dim=768, depth=12, num_heads=24, drop_path_rate=0.4)
-
-
-def _build(variant: str, pretrained: bool, arch: dict, kwargs: dict, dilation: int = 1, **extra) -> NATIsotropic:
-    depth = kwargs.get("depth", arch["depth"])
-    args = dict(arch, kernel_size=7, mlp_ratio=4.0, dilations=_alternate(depth, dilation), **extra)
-    args.update(kwargs)
-    # Feature extraction defaults to every block (the last ``depth`` of them).
-    return build_nat_model(NATIsotropic, variant, pretrained, args["depth"], **args)
-
+# The authors' isotropic registry: ViT-S/B sizes at patch 16, kernel 7; DiNAT alternates dilation 1 and 2.
 
 @register_model
 def nat_isotropic_small(pretrained: bool = False, **kwargs) -> NATIsotropic:
-    return _build("nat_isotropic_small", pretrained, _SMALL, kwargs)
+    model_args = dict(embed_dim=384, depth=12, num_heads=12, kernel_size=7, mlp_ratio=4.0, drop_path_rate=0.1)
+    return build_nat_model(NATIsotropic, "nat_isotropic_small", pretrained, dict(model_args, **kwargs))
 
 
 @register_model
 def dinat_isotropic_small(pretrained: bool = False, **kwargs) -> NATIsotropic:
-    return _build("dinat_isotropic_small", pretrained, _SMALL, kwargs, dilation=2)
+    model_args = dict(embed_dim=384, depth=12, num_heads=12, kernel_size=7, mlp_ratio=4.0, drop_path_rate=0.1)
+    return build_nat_model(NATIsotropic, "dinat_isotropic_small", pretrained, dict(model_args, **kwargs),
+                           sparse_dilations=(2,))
 
 
 @register_model
 def vitrpb_small(pretrained: bool = False, **kwargs) -> NATIsotropic:
-    return _build("vitrpb_small", pretrained, _SMALL, kwargs, attention="global")
+    model_args = dict(embed_dim=384, depth=12, num_heads=12, attention="global", mlp_ratio=4.0, drop_path_rate=0.1)
+    return build_nat_model(NATIsotropic, "vitrpb_small", pretrained, dict(model_args, **kwargs))
 
 
 @register_model
 def nat_isotropic_base(pretrained: bool = False, **kwargs) -> NATIsotropic:
-    return _build("nat_isotropic_base", pretrained, _BASE, kwargs)
+    model_args = dict(embed_dim=768, depth=12, num_heads=24, kernel_size=7, mlp_ratio=4.0, drop_path_rate=0.4)
+    return build_nat_model(NATIsotropic, "nat_isotropic_base", pretrained, dict(model_args, **kwargs))
 
 
 @register_model
 def dinat_isotropic_base(pretrained: bool = False, **kwargs) -> NATIsotropic:
-    return _build("dinat_isotropic_base", pretrained, _BASE, kwargs, dilation=2)
+    model_args = dict(embed_dim=768, depth=12, num_heads=24, kernel_size=7, mlp_ratio=4.0, drop_path_rate=0.4)
+    return build_nat_model(NATIsotropic, "dinat_isotropic_base", pretrained, dict(model_args, **kwargs),
+                           sparse_dilations=(2,))
 
 
 @register_model
 def vitrpb_base(pretrained: bool = False, **kwargs) -> NATIsotropic:
-    return _build("vitrpb_base", pretrained, _BASE, kwargs, attention="global")
+    model_args = dict(embed_dim=768, depth=12, num_heads=24, attention="global", mlp_ratio=4.0, drop_path_rate=0.4)
+    return build_nat_model(NATIsotropic, "vitrpb_base", pretrained, dict(model_args, **kwargs))

@@ -11,7 +11,9 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, register_notrace_function, register_notrace_module, trunc_normal_
+from timm.layers import (
+    DropPath, Mlp, register_notrace_function, register_notrace_module, resize_rel_pos_bias_table_simple, trunc_normal_,
+)
 
 import kernels
 
@@ -106,6 +108,19 @@ class NeighborhoodAttention2d(nn.Module):
     with ``dilation``) -> proj Linear. A feature map smaller than ``kernel_size * dilation`` on an
     axis is zero-padded at the right/bottom up to that size and the output cropped back, as in the
     original implementation (so tiny inputs still run; padded tokens do act as keys there).
+
+    Args:
+        dim: channels in and out (``num_heads * head_dim``).
+        num_heads: attention heads; must divide ``dim``.
+        kernel_size: the window side, an odd int >= 3.
+        dilation: the window's dilation, an int >= 1.
+        qkv_bias: bias in the qkv projection.
+        attn_drop: dropout on the attention weights (uses the unfused ``na2d_qk`` / ``na2d_av`` ops
+            while training, since dropout needs the weights).
+        proj_drop: dropout after the output projection.
+        backend: the ``kernels.na2d`` backend (``"auto"`` picks one for the device).
+        device: where the parameters are created (e.g. ``"meta"``).
+        dtype: the parameters' dtype.
     """
 
     def __init__(self, dim: int, num_heads: int, kernel_size: int = 7, dilation: int = 1,
@@ -180,6 +195,16 @@ class GlobalAttentionRPB(nn.Module):
     The bias table ``rpb`` is ``[heads, 2L-1, 2L-1]`` for maps up to ``L x L`` (``input_size``);
     it is gathered into an additive ``[heads, N, N]`` mask for ``scaled_dot_product_attention``.
     Larger maps use the table resized bicubically to cover them.
+
+    Args:
+        dim: channels in and out (``num_heads * head_dim``).
+        num_heads: attention heads; must divide ``dim``.
+        input_size: ``L``, the largest map side the bias table covers unresized.
+        qkv_bias: bias in the qkv projection.
+        attn_drop: dropout on the attention weights.
+        proj_drop: dropout after the output projection.
+        device: where the parameters are created (e.g. ``"meta"``).
+        dtype: the parameters' dtype.
     """
 
     def __init__(self, dim: int, num_heads: int, input_size: int, qkv_bias: bool = True,
@@ -207,8 +232,7 @@ class GlobalAttentionRPB(nn.Module):
             # A map larger than the table was trained for: resize the table bicubically to cover it
             # (the same resampling the authors used to move RPBs to a new kernel size).
             size = max(height, width)
-            table = F.interpolate(self.rpb.unsqueeze(0), size=(2 * size - 1, 2 * size - 1), mode="bicubic",
-                                  align_corners=False).squeeze(0)
+            table = resize_rel_pos_bias_table_simple(self.rpb, (size, size), (self.num_heads, 2 * size - 1, 2 * size - 1))
         index = _global_rpb_index(height, width, size).to(table.device)
         return table.reshape(self.num_heads, -1)[:, index]
 
@@ -231,6 +255,24 @@ class NATLayer(nn.Module):
 
     With ``layer_scale`` (a float) both branches are scaled by learned per-channel ``gamma1`` /
     ``gamma2`` (initialised to ``layer_scale``). ``attn`` defaults to neighborhood attention.
+
+    Args:
+        dim: channels in and out.
+        num_heads: attention heads of the default attention.
+        kernel_size: window side of the default (neighborhood) attention.
+        dilation: dilation of the default attention.
+        mlp_ratio: MLP hidden width over ``dim``.
+        qkv_bias: bias in the default attention's qkv projection.
+        drop: dropout after the attention projection and in the MLP.
+        attn_drop: dropout on the default attention's weights.
+        drop_path: stochastic-depth rate of both residual branches.
+        layer_scale: None, or the initial value of the per-channel branch scales (a float).
+        norm_layer: the two pre-norms, called as ``norm_layer(dim)``.
+        act_layer: the MLP's activation.
+        na_backend: the default attention's ``kernels.na2d`` backend.
+        attn: an attention module to use instead of ``NeighborhoodAttention2d`` (e.g. ``GlobalAttentionRPB``).
+        device: where the parameters are created (e.g. ``"meta"``).
+        dtype: the parameters' dtype.
     """
 
     def __init__(self, dim: int, num_heads: int, kernel_size: int = 7, dilation: int = 1,

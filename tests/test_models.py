@@ -353,6 +353,32 @@ def test_rpb_of_another_kernel_size_needs_interpolate_rpb(tmp_path):
     torch.testing.assert_close(model.levels[0].blocks[1].mlp.fc1.weight, source.levels[0].blocks[1].mlp.fc1.weight)
 
 
+def _bicubic_resize(table: torch.Tensor, side: int) -> torch.Tensor:
+    """The resizing both RPB resizers stood for before they called timm's: F.interpolate, bicubic, corners not aligned."""
+    return torch.nn.functional.interpolate(table.unsqueeze(0), size=(side, side), mode="bicubic",
+                                           align_corners=False).squeeze(0)
+
+
+@pytest.mark.parametrize("heads, src_kernel, dst_kernel", [(3, 7, 11), (2, 11, 7), (4, 5, 9), (1, 7, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rpb_resizers_are_bicubic_interpolation(heads, src_kernel, dst_kernel, dtype):
+    torch.manual_seed(src_kernel * dst_kernel + heads)
+    table = torch.randn(heads, 2 * src_kernel - 1, 2 * src_kernel - 1).to(dtype)
+    # interpolate_rpb (checkpoints): computed in float32, returned in the table's dtype
+    expected = _bicubic_resize(table.float(), 2 * dst_kernel - 1).to(dtype)
+    torch.testing.assert_close(models.interpolate_rpb(table, dst_kernel), expected, rtol=0, atol=0)
+    # GlobalAttentionRPB on a map larger than its table: resized in the table's own dtype
+    layer = GlobalAttentionRPB(8 * heads, heads, input_size=src_kernel, dtype=dtype)
+    with torch.no_grad():
+        layer.rpb.copy_(table)
+        side = max(src_kernel, dst_kernel)
+        resized = _bicubic_resize(table, 2 * side - 1) if side > src_kernel else table
+        bias = layer.relative_bias(side, side)  # [heads, query, key], offsets key - query shifted by side - 1
+    # the first query sees offsets 0 .. side-1, the last one -(side-1) .. 0
+    torch.testing.assert_close(bias[:, 0], resized[:, side - 1:, side - 1:].reshape(heads, -1), rtol=0, atol=0)
+    torch.testing.assert_close(bias[:, -1], resized[:, :side, :side].reshape(heads, -1), rtol=0, atol=0)
+
+
 def _dense_layer(layer: NeighborhoodAttention2d, x: torch.Tensor) -> torch.Tensor:
     """The original layer written densely: pad right/bottom to k*d, qkv, brute-force NA, crop, proj."""
     B, H, W, C = x.shape
@@ -437,6 +463,17 @@ def test_features_only_prunes_unused_levels():
     maps = features(torch.randn(1, 3, 64, 64))
     assert [tuple(m.shape) for m in maps] == [(1, 32, 16, 16), (1, 64, 8, 8)]
     assert features.feature_info.channels() == [32, 64] and features.feature_info.reduction() == [4, 8]
+
+
+@pytest.mark.parametrize("name, container", [("dinat_mini", "levels"), ("dinat_s_tiny", "layers")])
+def test_get_levels_is_the_level_list_of_either_family(name, container):
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    levels = model.get_levels()
+    assert levels is getattr(model, container) and len(levels) == 4
+    assert [level.downsample is None for level in levels] == [False, False, False, True]
+    dilations = [[block.attn.dilation for block in level.blocks] for level in levels]
+    assert dilations[0][:2] == [1, 8] and dilations[1][:2] == [1, 4] and set(dilations[3]) == {1}
 
 
 # --- timm's model conventions ---------------------------------------------------------------------
