@@ -1,0 +1,39 @@
+"""The Hydra configs themselves: what train.yaml and eval.yaml share, and the optional site-local group."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from hydra import compose, initialize_config_dir
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+# configs/runtime/default.yaml, as both entry configs resolve it (eval.yaml keeps fp32 by default).
+RUNTIME = {"device": "auto", "amp": "auto", "workers": 2, "channels_last": False, "compile": False,
+           "progress_bar": True}
+
+
+def compose_entry(config_dir: Path, entry: str, overrides: list[str] = ()):
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        return compose(entry, overrides=list(overrides), return_hydra_config=True)
+
+
+def own_keys(path: Path) -> set[str]:
+    return set(yaml.safe_load(path.read_text())) - {"defaults", "hydra"}
+
+
+def test_runtime_settings_are_written_once_and_shared_by_train_and_eval():
+    runtime_keys = own_keys(CONFIGS / "runtime" / "default.yaml")
+    assert runtime_keys == set(RUNTIME)
+    assert not runtime_keys & own_keys(CONFIGS / "train.yaml")
+    assert runtime_keys & own_keys(CONFIGS / "eval.yaml") == {"amp"}  # evaluation's default: fp32
+    train, evaluation = compose_entry(CONFIGS, "train"), compose_entry(CONFIGS, "eval")
+    assert {k: train[k] for k in RUNTIME} == RUNTIME
+    assert {k: evaluation[k] for k in RUNTIME} == {**RUNTIME, "amp": "none"}
+    assert train.hydra.job.chdir is False and evaluation.hydra.job.chdir is False
+    # command-line overrides reach the shared keys by their top-level names, in both
+    for entry in ("train", "eval"):
+        cfg = compose_entry(CONFIGS, entry, ["device=cpu", "workers=0", "amp=bf16", "compile=true"])
+        assert (cfg.device, cfg.workers, cfg.amp, cfg.compile) == ("cpu", 0, "bf16", True)
