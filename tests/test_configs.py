@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import yaml
@@ -37,3 +38,38 @@ def test_runtime_settings_are_written_once_and_shared_by_train_and_eval():
     for entry in ("train", "eval"):
         cfg = compose_entry(CONFIGS, entry, ["device=cpu", "workers=0", "amp=bf16", "compile=true"])
         assert (cfg.device, cfg.workers, cfg.amp, cfg.compile) == ("cpu", 0, "bf16", True)
+
+
+def site_configs(tmp_path: Path, local_file: Path | None) -> Path:
+    """A copy of configs/ whose local/default.yaml is ``local_file`` (or absent), whatever this checkout has."""
+    configs = tmp_path / "configs"
+    shutil.copytree(CONFIGS, configs)
+    local = configs / "local" / "default.yaml"
+    local.unlink(missing_ok=True)
+    if local_file is not None:
+        shutil.copy(local_file, local)
+    return configs
+
+
+def test_without_a_local_file_nothing_site_specific_is_set(tmp_path):
+    configs = site_configs(tmp_path, None)
+    for entry in ("train", "eval"):
+        cfg = compose_entry(configs, entry, ["data=imagenet", "hydra/launcher=slurm"])
+        assert "site" not in cfg
+        assert cfg.data.root is None  # check_common then asks for data.root by name
+        assert (cfg.hydra.launcher.account, cfg.hydra.launcher.partition, cfg.hydra.launcher.qos) == (None,) * 3
+    assert compose_entry(configs, "train").data.root == "data/digits_32px"
+
+
+def test_a_local_file_supplies_data_roots_and_slurm_account_and_the_command_line_still_wins(tmp_path):
+    configs = site_configs(tmp_path, CONFIGS / "local" / "example.yaml")
+    for entry in ("train", "eval"):
+        cfg = compose_entry(configs, entry, ["data=imagenet", "hydra/launcher=slurm"])
+        assert cfg.data.root == "/datasets/imagenet"
+        assert (cfg.hydra.launcher.account, cfg.hydra.launcher.partition) == ("my_account", "gpu")
+        cfg = compose_entry(configs, entry, ["data=imagenet", "data.root=/elsewhere", "hydra/launcher=slurm",
+                                             "hydra.launcher.account=other"])
+        assert (cfg.data.root, cfg.hydra.launcher.account) == ("/elsewhere", "other")
+    # an experiment's data=imagenet picks the site's root up too; the digits demo keeps its own
+    assert compose_entry(configs, "train", ["experiment=dinat_mini_in1k"]).data.root == "/datasets/imagenet"
+    assert compose_entry(configs, "train").data.root == "data/digits_32px"
