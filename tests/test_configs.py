@@ -5,8 +5,15 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
+import timm
+import torch
 import yaml
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from training.model import build_model, register_project_models
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -73,3 +80,23 @@ def test_a_local_file_supplies_data_roots_and_slurm_account_and_the_command_line
     # an experiment's data=imagenet picks the site's root up too; the digits demo keeps its own
     assert compose_entry(configs, "train", ["experiment=dinat_mini_in1k"]).data.root == "/datasets/imagenet"
     assert compose_entry(configs, "train").data.root == "data/digits_32px"
+
+
+def test_model_configs_name_their_file_and_their_timm_model_apart():
+    register_project_models()
+    for path in sorted((CONFIGS / "model").glob("*.yaml")):
+        cfg = compose_entry(CONFIGS, "train", [f"model={path.stem}"])
+        assert cfg.model.config_name == path.stem
+        assert timm.is_model(cfg.model.timm_model), path.stem
+        assert cfg.name == f"{path.stem}_digits"
+    assert compose_entry(CONFIGS, "train").model.timm_model == "dinat_mini"  # the demo's dinat_nano resizes it
+    with pytest.raises(ConfigCompositionException, match="model.name"):  # the old key is gone, loudly
+        compose_entry(CONFIGS, "train", ["model.name=dinat_tiny"])
+
+
+def test_checkpoints_from_before_the_rename_still_build_their_model():
+    saved = OmegaConf.create({"variant": "dinat_nano", "name": "dinat_mini", "drop_path_rate": 0.0,
+                              "kwargs": {"embed_dim": 16, "depths": [1, 1, 1, 1], "kernel_size": 3,
+                                         "dilations": [[1], [1], [1], [1]]}})
+    model = build_model(saved, num_classes=3, in_chans=3)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
