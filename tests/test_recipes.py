@@ -96,7 +96,7 @@ def released_values(experiment: str) -> dict:
     values = dict(TRAIN_PY_DEFAULTS)
     values.update({YAML_KEYS[k]: v for k, v in yaml_keys.items() if k in YAML_KEYS})
     values["model.drop_path_rate"] = drop_path
-    values["model.name"] = "dinat_s_large" if experiment.startswith("dinat_s_large_in22k_ft_in1k_224") \
+    values["model.timm_model"] = "dinat_s_large" if experiment.startswith("dinat_s_large_in22k_ft_in1k_224") \
         else yaml_keys["model"]
     # sched: linear made no scheduler in their train.py (a constant lr); cosine is timm's cosine.
     values["sched.name"] = {"cosine": "cosine", "linear": "constant"}[yaml_keys["sched"]]

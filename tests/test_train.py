@@ -90,9 +90,9 @@ def test_experiment_config_composes_checks_and_builds(experiment):
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     check_train(cfg)
     assert cfg.name == experiment and cfg.data.num_classes == 1000
-    assert cfg.model.name == cfg.model.variant and timm.is_model(cfg.model.name)
+    assert cfg.model.timm_model == cfg.model.config_name and timm.is_model(cfg.model.timm_model)
     # The recipe values themselves are checked against the released ones in tests/test_recipes.py.
-    model = timm.create_model(cfg.model.name, num_classes=10, **tiny_kwargs(cfg.model.name))
+    model = timm.create_model(cfg.model.timm_model, num_classes=10, **tiny_kwargs(cfg.model.timm_model))
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 
 
@@ -102,7 +102,7 @@ def test_every_registered_variant_has_a_model_config():
     assert variants - {"dinat_nano"} <= names, variants - names
     for stem in names:
         cfg = compose_train([f"model={stem}"])
-        assert timm.is_model(cfg.model.name), stem
+        assert timm.is_model(cfg.model.timm_model), stem
 
 
 # ------------------------------------------------------------------------------------------- training

@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -22,10 +23,24 @@ BEST = "best.pt"
 def save_atomic(state: dict, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    return _write_atomic(path, lambda f: torch.save(state, f))
+
+
+def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy ``src`` to ``dst`` so that ``dst`` is always either the old or the complete new file."""
+    def copy(f: BinaryIO) -> None:
+        with open(src, "rb") as source:
+            shutil.copyfileobj(source, f)
+
+    return _write_atomic(Path(dst), copy)
+
+
+def _write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+    """``write`` into a temporary file next to ``path``, flush it to disk, rename it over ``path``."""
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -33,21 +48,6 @@ def save_atomic(state: dict, path: str | os.PathLike) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
-
-
-def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Copy ``src`` to ``dst`` so that ``dst`` is always either the old or the complete new file."""
-    dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp.{os.getpid()}")
-    try:
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return dst
 
 
 def load(path: str | os.PathLike, map_location="cpu") -> dict:

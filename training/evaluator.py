@@ -21,7 +21,7 @@ def load_model(cfg: DictConfig) -> torch.nn.Module:
     """The model to evaluate: from a training checkpoint (its own model config), or ``model`` + ``weights``."""
     if cfg.checkpoint and cfg.weights:
         raise ValueError("give either checkpoint= (a training checkpoint) or weights= (a weights file for "
-                         "model.name), not both")
+                         "model.timm_model), not both")
     if not cfg.checkpoint:
         # The file must carry a head for data.num_classes classes (evaluation needs it): saying so stops
         # timm from dropping the head when the variant's pretrained config lists another class count.
@@ -85,7 +85,7 @@ def run_eval(cfg: DictConfig) -> dict:
         dataset = data.build_dataset(cfg.data, split, False, data.eval_transform(data_config))
         loader = data.eval_loader(dataset, cfg.batch_size, cfg.workers, dist_env, pin_memory=device.type == "cuda")
         log.info("evaluating %s on %d images of %s/%s (crop_pct %s, %s, amp %s, device %s)",
-                 cfg.checkpoint or cfg.model.name, len(dataset), cfg.data.root, split, data_config["crop_pct"],
+                 cfg.checkpoint or cfg.model.timm_model, len(dataset), cfg.data.root, split, data_config["crop_pct"],
                  data_config["interpolation"], amp, device)
         metrics = evaluate(eval_model, loader, device, amp, cfg.channels_last,
                            progress=dist_env.is_main and cfg.progress_bar)

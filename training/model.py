@@ -43,16 +43,17 @@ def _to_tuples(value):
 
 def build_model(model_cfg: DictConfig, num_classes: int, in_chans: int = 3,
                 pretrained_file: str | None = None, pretrained_num_classes: int | None = None) -> torch.nn.Module:
-    """``timm.create_model(model.name, ...)``; ``pretrained_file`` loads original/HF weights through timm.
+    """``timm.create_model(model.timm_model, ...)``; ``pretrained_file`` loads original/HF weights through timm.
 
     ``pretrained_num_classes``: the classes of the file's head, when they differ from the variant's
     pretrained config (e.g. 21841 for ImageNet-22k weights); timm then leaves the head out.
     """
     register_project_models()
-    name = str(model_cfg.name)
+    # Checkpoints written before the rename to ``timm_model`` saved it as ``model.name``.
+    name = str(model_cfg.timm_model if "timm_model" in model_cfg else model_cfg.name)
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:12]
-        raise ValueError(f"model.name={name!r} is not a registered timm model; similar names: {close}")
+        raise ValueError(f"model.timm_model={name!r} is not a registered timm model; similar names: {close}")
     kwargs = create_model_kwargs(model_cfg, num_classes, in_chans)
     if pretrained_file:
         overlay = {"file": str(pretrained_file)}

@@ -266,7 +266,7 @@ def log_set_up(run: Run) -> None:
     n_params = sum(p.numel() for p in run.parts.raw_model.parameters())
     log.info("%s: %.2fM parameters | %d train / %d val images | global batch %d (%d x %d accum x %d proc) | "
              "lr %.3g | %d updates/epoch x %d epochs | amp %s | device %s | run dir %s",
-             cfg.model.name, n_params / 1e6, len(run.loaders.train_set), len(run.loaders.val_set), optim.global_batch,
+             cfg.model.timm_model, n_params / 1e6, len(run.loaders.train_set), len(run.loaders.val_set), optim.global_batch,
              cfg.batch_size, cfg.grad_accum_steps, run.dist_env.world_size, optim.lr, run.loaders.updates_per_epoch,
              optim.total_epochs, str(optim.amp).replace("torch.", "") if optim.amp else "off", run.dist_env.device,
              run.run_dir)
