@@ -33,8 +33,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-import kernels
-import models  # noqa: F401  (registers dinat_* / nat_* with timm)
+from dinat import kernels
+from dinat import models  # noqa: F401  (registers dinat_* / nat_* with timm)
 from benchmarks import _common
 from benchmarks._common import describe_error, free_memory, is_oom, sync
 
@@ -89,7 +89,7 @@ def timm_name(name: str) -> str:
 
 def is_our_model(name: str) -> bool:
     """Registered by this repository's ``models`` package (so it takes ``na_backend``)."""
-    return timm.models.model_entrypoint(timm_name(name)).__module__.startswith("models.")
+    return timm.models.model_entrypoint(timm_name(name)).__module__.startswith("dinat.models.")
 
 
 def create_model(name: str, image_size: int, args, overrides: Optional[dict] = None) -> torch.nn.Module:

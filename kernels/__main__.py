@@ -11,7 +11,7 @@ import time
 
 import torch
 
-import kernels
+from dinat import kernels
 
 
 def _time(fn, repeats: int) -> float:

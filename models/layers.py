@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, register_notrace_function, register_notrace_module, trunc_normal_
 
-import kernels
+from dinat import kernels
 
 __all__ = [
     "NeighborhoodAttention2d",
