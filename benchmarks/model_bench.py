@@ -5,7 +5,7 @@ training steps (forward + cross-entropy + backward + AdamW step), under bf16 aut
 weights) and channels-last inputs on CUDA, plus the peak GPU memory of each
 (``torch.cuda.max_memory_allocated``, weights and optimizer state included). Ratios are against a
 baseline model measured in the same run (default ``swin_tiny``). Every model is built by timm with
-``pretrained=False`` (random weights, nothing is downloaded); ``import models`` registers ours. Our
+``pretrained=False`` (random weights, nothing is downloaded); ``import dinat`` registers ours. Our
 models run neighborhood attention through ``kernels`` (backend "auto": the Triton kernels on CUDA);
 ``--na-backend`` picks another. A model that runs out of memory (or fails) gets "OOM"/"error" in its
 row and the run goes on.

@@ -1,4 +1,4 @@
-"""DiNAT / NAT model family as timm models: ``import models`` registers every variant.
+"""DiNAT / NAT model family as timm models: ``import dinat`` registers every variant.
 
 ``timm.create_model("dinat_mini", num_classes=10)`` etc.; see docs/models.md.
 """

@@ -1,4 +1,4 @@
-"""Model construction through timm's registry (``import models`` registers the NAT/DiNAT family)."""
+"""Model construction through timm's registry (``import dinat`` registers the NAT/DiNAT family)."""
 
 from __future__ import annotations
 
