@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig):
-    from training import run_eval
+    from dinat.training import run_eval
 
     metrics = run_eval(cfg)
     line = (f"{metrics['count']} images | top-1 {metrics['top1']:.2f}% | top-5 {metrics['top5']:.2f}% | "

@@ -25,7 +25,7 @@ def eval_command(checkpoint: str, use_ema: bool = False) -> str:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig):
-    from training import PreemptionHandler, train
+    from dinat.training import PreemptionHandler, train
 
     handler = PreemptionHandler(list(cfg.preempt_signals)).install()
     summary = train(cfg, preemption=handler)

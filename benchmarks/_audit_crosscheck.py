@@ -50,7 +50,7 @@ class _StubDriver:
 
 
 def compile_forward(dilation: int, arch: int = 90):
-    from kernels.fused import forward
+    from dinat.kernels.fused import forward
 
     B, H, W, heads, D, k = 64, 56, 56, 2, 32, 7
     qkv = torch.empty(B, H, W, 3, heads, D, dtype=torch.bfloat16)

@@ -182,7 +182,7 @@ def recording(launches: list, keep_tensors: bool = False) -> Iterator[None]:
     ``keep_tensors``: keep real tensors as they are (interpreter replays); else tensors become
     :class:`DevicePointer` stand-ins.
     """
-    from kernels import tuning
+    from dinat.kernels import tuning
 
     addresses = _Addresses()
 
@@ -212,7 +212,7 @@ def recording(launches: list, keep_tensors: bool = False) -> Iterator[None]:
     # ``run_kernel`` is also imported by name into kernel modules: replace every binding of it.
     original_run = tuning.run_kernel
     holders = [m for name, m in list(sys.modules.items())
-               if (name == "kernels" or name.startswith("kernels.")) and getattr(m, "run_kernel", None) is original_run]
+               if (name == "dinat.kernels" or name.startswith("dinat.kernels.")) and getattr(m, "run_kernel", None) is original_run]
     saved_wrap = tuning.wrap_triton
     tuning.wrap_triton = _Recorder
     if keep_tensors:
@@ -288,7 +288,7 @@ def run_problem(problem: Problem, backward: bool = True, fake: bool = True) -> N
 
     ``fake``: on fake CUDA tensors (capture for compiling); else on real CPU tensors (interpreter).
     """
-    import kernels
+    from dinat import kernels
 
     na = {1: kernels.na1d, 2: kernels.na2d, 3: kernels.na3d}[len(problem.spatial)]
     dtype = getattr(torch, problem.dtype)
@@ -324,6 +324,6 @@ def capture(problem: Problem, backward: bool = True) -> list[Launch]:
     with recording(launches):
         run_problem(problem, backward=backward, fake=True)
     if not launches:
-        raise RuntimeError(f"{problem.label}: no kernel launch reached kernels.tuning.run_kernel "
+        raise RuntimeError(f"{problem.label}: no kernel launch reached dinat.kernels.tuning.run_kernel "
                            f"(backend {problem.backend!r} may not launch Triton kernels here)")
     return launches

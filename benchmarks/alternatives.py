@@ -24,8 +24,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from kernels.api import check_params
-from kernels.geometry import NAParams, axis_tables, axis_window
+from dinat.kernels.api import check_params
+from dinat.kernels.geometry import NAParams, axis_tables, axis_window
 
 __all__ = ["FlexNA", "flex_na", "sdpa_full"]
 

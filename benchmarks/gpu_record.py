@@ -269,9 +269,9 @@ def _sweep_shape(shape):
 
 def _tuned_kernels() -> dict:
     """Tuning name -> the ``TunedKernel`` (its ``configs`` are what its autotuner tries)."""
-    from kernels import tuning
-    from kernels.fused import backward, forward
-    from kernels.unfused import av_kernels, qk_kernels
+    from dinat.kernels import tuning
+    from dinat.kernels.fused import backward, forward
+    from dinat.kernels.unfused import av_kernels, qk_kernels
 
     found = {}
     for module in (forward, backward, qk_kernels, av_kernels):
@@ -286,7 +286,7 @@ def pinned_table(shape, dtype_name: str, family: str, choice):
     one config: ``choice`` is an int (the i-th of each kernel's own autotune configs) or a
     (block, num_warps, num_stages) tuple. Under it nothing autotunes: one config compiles."""
     from benchmarks import sweep
-    from kernels import tuning
+    from dinat.kernels import tuning
 
     kernels_by_name = _tuned_kernels()
     names = sweep.FAMILIES[family]
@@ -324,7 +324,7 @@ def precompile_job(job: dict) -> tuple[str, float, str, int]:
         import torch
 
         from benchmarks import na_bench
-        from kernels import tuning
+        from dinat.kernels import tuning
 
         dtype = getattr(torch, job["dtype"])
         rpb_dtype = getattr(torch, job["rpb_dtype"]) if job.get("rpb_dtype") else dtype
@@ -474,7 +474,7 @@ def check_past_int32(backend: str, device, side: int = HUGE["side"], heads: int 
     kernels are the forward's)."""
     import torch
 
-    from kernels import na2d, offsets
+    from dinat.kernels import na2d, offsets
 
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(1, side, side, heads, head_dim, device=device, dtype=getattr(torch, dtype_name),
@@ -507,7 +507,7 @@ def _check_past_int32_rows(ctx: "Context", skipped: list) -> list[dict]:
 
     from benchmarks._common import describe_error, free_memory
     from benchmarks.na_bench import Shape
-    from kernels import tuning
+    from dinat.kernels import tuning
 
     rows = []
     device = ctx.device
@@ -590,7 +590,7 @@ def _check_config(finished: Optional[set], family: str, dtype_name: str, shape):
 
 def step_correctness(ctx: Context) -> StepResult:
     from benchmarks._common import describe_error, free_memory
-    from kernels import tuning
+    from dinat.kernels import tuning
 
     result = StepResult("correctness", "Correctness at real sizes")
     device = ctx.device
@@ -954,7 +954,7 @@ def step_sweep(ctx: Context) -> StepResult:
     import torch
 
     from benchmarks import sweep
-    from kernels import tuning
+    from dinat.kernels import tuning
 
     result = StepResult("sweep", "Sweep of the fused kernels' configs")
     device = ctx.device
@@ -1044,7 +1044,7 @@ def _write_sweep_files(ctx: Context, result: StepResult, entries, skipped, famil
     import triton
 
     from benchmarks import sweep
-    from kernels import tuning
+    from dinat.kernels import tuning
 
     doc = dict(tuning.empty_table_json(family, [gpu_name]),
                sweep=dict(shard="0/1", smoke=ctx.smoke, created=sweep._now(), torch=torch.__version__,

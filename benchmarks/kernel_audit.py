@@ -84,7 +84,7 @@ def _default_config(launch, family: Optional[str]):
     keeps after its prune hook (``Launch.candidates``: what a GPU launch benchmarks), the one with
     every tunable block 64, 4 warps and the fewest stages, else the first kept candidate ("only
     candidate" when one is kept: then a launch runs exactly it)."""
-    from kernels import tuning
+    from dinat.kernels import tuning
 
     configs = launch.candidates
     if not configs:

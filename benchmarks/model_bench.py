@@ -5,7 +5,7 @@ training steps (forward + cross-entropy + backward + AdamW step), under bf16 aut
 weights) and channels-last inputs on CUDA, plus the peak GPU memory of each
 (``torch.cuda.max_memory_allocated``, weights and optimizer state included). Ratios are against a
 baseline model measured in the same run (default ``swin_tiny``). Every model is built by timm with
-``pretrained=False`` (random weights, nothing is downloaded); ``import models`` registers ours. Our
+``pretrained=False`` (random weights, nothing is downloaded); ``import dinat`` registers ours. Our
 models run neighborhood attention through ``kernels`` (backend "auto": the Triton kernels on CUDA);
 ``--na-backend`` picks another. A model that runs out of memory (or fails) gets "OOM"/"error" in its
 row and the run goes on.
@@ -33,8 +33,8 @@ import timm
 import torch
 import torch.nn.functional as F
 
-import kernels
-import models  # noqa: F401  (registers dinat_* / nat_* with timm)
+from dinat import kernels
+from dinat import models  # noqa: F401  (registers dinat_* / nat_* with timm)
 from benchmarks import _common
 from benchmarks._common import describe_error, free_memory, is_oom, sync
 
@@ -89,7 +89,7 @@ def timm_name(name: str) -> str:
 
 def is_our_model(name: str) -> bool:
     """Registered by this repository's ``models`` package (so it takes ``na_backend``)."""
-    return timm.models.model_entrypoint(timm_name(name)).__module__.startswith("models.")
+    return timm.models.model_entrypoint(timm_name(name)).__module__.startswith("dinat.models.")
 
 
 def create_model(name: str, image_size: int, args, overrides: Optional[dict] = None) -> torch.nn.Module:

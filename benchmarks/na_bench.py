@@ -32,7 +32,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-import kernels
+from dinat import kernels
 from benchmarks import _common
 from benchmarks._common import describe_error, free_memory, is_oom, median_ms, sync
 from benchmarks.alternatives import FlexNA, sdpa_full

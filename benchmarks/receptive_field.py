@@ -24,8 +24,8 @@ import timm
 import torch
 import torch.nn as nn
 
-import kernels
-import models  # registers dinat_* / nat_* with timm
+from dinat import kernels
+from dinat import models  # registers dinat_* / nat_* with timm
 
 DEFAULT_MODELS = ("nat_tiny", "dinat_tiny")
 

@@ -44,11 +44,11 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402
 
-import kernels  # noqa: E402
+from dinat import kernels  # noqa: E402
 from benchmarks._common import NAShape, median_ms, sync  # noqa: E402
-from kernels import tuning  # noqa: E402
-from kernels.api import check_params  # noqa: E402
-from kernels.geometry import NAParams  # noqa: E402
+from dinat.kernels import tuning  # noqa: E402
+from dinat.kernels.api import check_params  # noqa: E402
+from dinat.kernels.geometry import NAParams  # noqa: E402
 
 FAMILIES = {
     "fused": ("fused_fwd", "fused_bwd_dq", "fused_bwd_dkdv"),
@@ -75,8 +75,8 @@ def model_shapes(model_names: Sequence[str], img_size: int, batch: int) -> list[
     """
     import timm
 
-    import models  # registers the DiNAT family with timm
-    from models.layers import NeighborhoodAttention2d
+    from dinat import models  # registers the DiNAT family with timm
+    from dinat.models.layers import NeighborhoodAttention2d
 
     shapes: list[NAShape] = []
     for name in model_names:
@@ -337,7 +337,7 @@ def _check_against_reference(shape, inputs, params, scale, out, grads, dtype) ->
     for name, actual, expected in zip(("out", "dq", "dk", "dv", "drpb"), (out, *grads), (ref, *ref_grads)):
         ok, err = _close(actual.cpu(), expected.cpu(), TOLERANCE[dtype])
         if not ok:
-            raise AssertionError(f"default launch disagrees with kernels.reference on {shape.label}: "
+            raise AssertionError(f"default launch disagrees with dinat.kernels.reference on {shape.label}: "
                                  f"{name} max error {err:.3g}")
 
 

@@ -1,4 +1,4 @@
-"""``python -m kernels``: a short tour of the NA op on this machine.
+"""``python -m dinat.kernels``: a short tour of the NA op on this machine.
 
 Runs one DiNAT-like 2-D layer (56x56 tokens, 2 heads of 32, 7x7 window, dilation 1 and 8) on every
 backend available for the device, checks each against the reference and prints times.
@@ -11,7 +11,7 @@ import time
 
 import torch
 
-import kernels
+from dinat import kernels
 
 
 def _time(fn, repeats: int) -> float:

@@ -16,10 +16,10 @@ import torch
 
 # name -> module path. "reference" and "tiled" are pure PyTorch; the others are Triton.
 BACKENDS: dict[str, str] = {
-    "reference": "kernels.reference",
-    "tiled": "kernels.tiled",
-    "unfused": "kernels.unfused",
-    "fused": "kernels.fused",
+    "reference": "dinat.kernels.reference",
+    "tiled": "dinat.kernels.tiled",
+    "unfused": "dinat.kernels.unfused",
+    "fused": "dinat.kernels.fused",
 }
 
 # What "auto" tries, fastest first, per device type. On CPU the Triton backends only run under

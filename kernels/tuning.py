@@ -312,7 +312,7 @@ _override: list = []  # stack of Table / _DISABLED installed by use_table / no_t
 def use_table(table: Table) -> Iterator[Table]:
     """Use ``table`` (e.g. ``load_table(path)``) for launches inside the block."""
     if not isinstance(table, Table):
-        raise TypeError(f"use_table: table must be a kernels.tuning.Table; got {type(table).__name__}")
+        raise TypeError(f"use_table: table must be a dinat.kernels.tuning.Table; got {type(table).__name__}")
     _override.append(table)
     try:
         yield table

@@ -15,7 +15,7 @@ from timm.layers import (
     DropPath, Mlp, register_notrace_function, register_notrace_module, resize_rel_pos_bias_table_simple, trunc_normal_,
 )
 
-import kernels
+from dinat import kernels
 
 __all__ = [
     "NeighborhoodAttention2d",

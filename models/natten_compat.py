@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from torch.nn.init import trunc_normal_
 
-from kernels import natten_compat as F
+from dinat.kernels import natten_compat as F
 
 __all__ = ["NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D",
            "install", "uninstall", "is_installed", "patch_transformers", "NATTEN_VERSION"]
@@ -150,7 +150,7 @@ def _build_alias() -> dict[str, types.ModuleType]:
             modules[f"natten.{sub}"] = _module(f"natten.{sub}", f"NATTEN's {cls_name} (dinat-triton).",
                                                {cls_name: cls})
     root = _module("natten", f"NATTEN {NATTEN_VERSION}: NATTEN 0.17.4's API served by dinat-triton's kernels "
-                   "(models.natten_compat.install()); not the NATTEN package.",
+                   "(dinat.models.natten_compat.install()); not the NATTEN package.",
                    {**classes, **context, "__version__": NATTEN_VERSION}, package=True)
     for full_name, module in modules.items():
         setattr(root, full_name.split(".", 1)[1], module)

@@ -7,7 +7,7 @@ import datetime
 import pytest
 import torch
 
-import kernels
+from dinat import kernels
 from benchmarks import na_bench
 from benchmarks.alternatives import FlexNA, flex_na, sdpa_full
 

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from training.model import build_model, register_project_models
+from dinat.training.model import build_model, register_project_models
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

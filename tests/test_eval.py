@@ -12,8 +12,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from tests.test_train import CONFIGS, NUM_CLASSES, REPO, TINY_MODEL, compose_train, make_image_folder, train_overrides
-from training import run_eval, train
-from training.checkpoint import load
+from dinat.training import run_eval, train
+from dinat.training.checkpoint import load
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 
 triton = pytest.importorskip("triton")
 
-import kernels  # noqa: E402
-from kernels import fused, geometry, reference  # noqa: E402
-from kernels.api import check_params  # noqa: E402
-from kernels.fused import config, ops  # noqa: E402
+from dinat import kernels  # noqa: E402
+from dinat.kernels import fused, geometry, reference  # noqa: E402
+from dinat.kernels.api import check_params  # noqa: E402
+from dinat.kernels.fused import config, ops  # noqa: E402
 
 from .strategies import Problem, problems  # noqa: E402
 
@@ -302,7 +302,7 @@ def test_halo_pitches_hold_every_halo(causal):
 ])
 def test_pitched_walks_in_small_blocks(block, case, monkeypatch):
     """The interpreter's one config uses 128-entry blocks; smaller ones reach every walk path."""
-    from kernels.fused import backward, forward
+    from dinat.kernels.fused import backward, forward
 
     for kernel, name in ((forward.na_fwd_kernel, "BLOCK_K"), (backward.na_bwd_dq_kernel, "BLOCK_K"),
                          (backward.na_bwd_dkdv_kernel, "BLOCK_Q")):

@@ -70,7 +70,7 @@ def test_fused_kernels_compile_as_launched():
 @pytest.mark.skipif(not ptxas_available(), reason="this Triton build ships no NVIDIA backend/ptxas")
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_kept_candidates_compile_without_spills_at_wide_heads(head_dim):
-    from kernels.fused import config
+    from dinat.kernels.fused import config
 
     case = (90, "bfloat16", 1)
     rows = compile_rows([case], dict(STAGE1, head_dim=head_dim), candidates=True)[case]

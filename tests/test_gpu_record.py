@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from benchmarks import gpu_record
-from kernels import tuning
+from dinat.kernels import tuning
 from tests.test_sweep import no_tables  # noqa: F401  (fixture: no shipped or user tuning table)
 
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU smoke mode")

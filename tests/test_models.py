@@ -21,9 +21,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-import kernels
-import models
-from models.layers import GlobalAttentionRPB, NeighborhoodAttention2d
+from dinat import kernels
+from dinat import models
+from dinat.models.layers import GlobalAttentionRPB, NeighborhoodAttention2d
 
 from .brute_force import dense_na
 

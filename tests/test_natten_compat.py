@@ -12,9 +12,9 @@ import sys
 import pytest
 import torch
 
-import kernels
-from kernels import natten_compat as F
-from models import natten_compat as M
+from dinat import kernels
+from dinat.kernels import natten_compat as F
+from dinat.models import natten_compat as M
 
 from .brute_force import dense_na, mask_and_bias, window_logits
 

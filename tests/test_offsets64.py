@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-import kernels.unfused.rpb_kernels
-from kernels import backends, fused, offsets, reference, tuning, unfused
-from kernels.geometry import NAParams
+from dinat import kernels
+import dinat.kernels.unfused.rpb_kernels
+from dinat.kernels import backends, fused, offsets, reference, tuning, unfused
+from dinat.kernels.geometry import NAParams
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The issue's video map: 64x256x256 tokens, 16 heads of 128 -> 2^33 elements per batch element.
@@ -135,8 +135,8 @@ def test_unfused_drpb_reduction_refuses_what_it_cannot_index(recorded):
 
 def test_unfused_token_numbers_past_int32_are_refused():
     """The unfused row kernels number a batch element's tokens in int32 (meta tensors: no memory)."""
-    from kernels.unfused.common import geometry3
-    from kernels.unfused.qk_kernels import window_dot
+    from dinat.kernels.unfused.common import geometry3
+    from dinat.kernels.unfused.qk_kernels import window_dot
 
     x = _meta(1, 2**31, 1, 1)
     geo = geometry3((2**31,), NAParams((3,), (1,), (False,)))
@@ -164,9 +164,9 @@ def test_too_many_heads_is_a_clear_error_and_auto_moves_on():
             kernels.na1d(q, q, q, 2, backend=backend)
     meta = _meta(1, 2, offsets.MAX_GRID_Y + 1, 8)
     assert "grid axis 1" in fused.unsupported_reason(meta) and "grid axis 1" in unfused.unsupported_reason(meta)
-    assert backends.resolve("auto", torch.device("cuda"), tensor=meta).__name__ == "kernels.tiled"
+    assert backends.resolve("auto", torch.device("cuda"), tensor=meta).__name__ == "dinat.kernels.tiled"
     ordinary = _meta(70000, 8, 2, 8)  # batch * heads past the grid limit: chunked, not skipped
-    assert backends.resolve("auto", torch.device("cuda"), tensor=ordinary).__name__ == "kernels.fused"
+    assert backends.resolve("auto", torch.device("cuda"), tensor=ordinary).__name__ == "dinat.kernels.fused"
 
 
 # ---------------------------------------------------------------------------------------------

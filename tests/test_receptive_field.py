@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from benchmarks import receptive_field
-from kernels.geometry import axis_window
-from models import NATLayer
+from dinat.kernels.geometry import axis_window
+from dinat.models import NATLayer
 
 
 def _axis_visible(length: int, layers: list[tuple[int, int]], index: int) -> torch.Tensor:

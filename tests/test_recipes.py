@@ -20,10 +20,10 @@ from timm.data.random_erasing import RandomErasing
 from timm.loss import SoftTargetCrossEntropy
 
 from tests.test_train import CONFIGS, EXPERIMENTS, REPO, compose_train
-from training import distributed
-from training.loop import Parts, Position, train_one_epoch
-from training.optim import ConstantLRScheduler, build_scheduler, param_groups
-from training.trainer import scaled_lr
+from dinat.training import distributed
+from dinat.training.loop import Parts, Position, train_one_epoch
+from dinat.training.optim import ConstantLRScheduler, build_scheduler, param_groups
+from dinat.training.trainer import scaled_lr
 
 # Their train.py's argparse defaults (timm 0.5.0 for the interpolation/mean/std a model without a
 # default_cfg gets), as our config keys. amp and sched depend on the YAML: see released_values().
@@ -157,7 +157,7 @@ def test_cfg_job_prints_the_released_values():
 
 
 def test_finetune_recipe_requires_the_weights():
-    from training.config import check_train
+    from dinat.training.config import check_train
 
     with pytest.raises(ValueError, match="finetune_from must be the path of the weights"):
         check_train(compose_experiment("dinat_large_in22k_ft_in1k_224"))
@@ -172,7 +172,7 @@ def test_eval_defaults_to_fp32_like_validate_py():
 def tiny_dinat():
     import timm
 
-    import models  # noqa: F401
+    from dinat import models  # noqa: F401
 
     return timm.create_model("dinat_mini", num_classes=4, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2),
                              kernel_size=3, dilations=((1,), (1,), (1,), (1,)))

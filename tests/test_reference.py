@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels
-from kernels import geometry
-from kernels.geometry import NAParams
+from dinat import kernels
+from dinat.kernels import geometry
+from dinat.kernels.geometry import NAParams
 
 from .brute_force import dense_na, window_logits
 from .strategies import Problem, problems

@@ -6,9 +6,9 @@ import pytest
 import torch
 import triton
 
-import kernels
+from dinat import kernels
 from benchmarks import sweep
-from kernels import tuning
+from dinat.kernels import tuning
 
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU/interpreter mode")
 

@@ -15,10 +15,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import kernels
-import models  # noqa: F401  (registers dinat_* with timm)
-from kernels import backends, geometry, tiled
-from kernels.geometry import NAParams
+from dinat import kernels
+from dinat import models  # noqa: F401  (registers dinat_* with timm)
+from dinat.kernels import backends, geometry, tiled
+from dinat.kernels.geometry import NAParams
 
 from .brute_force import dense_na
 from .strategies import Problem, problems
@@ -187,10 +187,10 @@ def test_auto_picks_tiled_without_triton_and_the_reference_for_qk_av():
     """Changed by issue 13: "auto" on CPU (and MPS, ...) is "tiled" for naXd, no longer the reference;
     the logits-materialising qk/av ops, which "tiled" does not provide, stay on the reference."""
     for device in ("cpu", "mps", "xpu"):
-        assert backends.resolve("auto", torch.device(device), "na").__name__ == "kernels.tiled"
+        assert backends.resolve("auto", torch.device(device), "na").__name__ == "dinat.kernels.tiled"
         for op in ("qk", "av"):
-            assert backends.resolve("auto", torch.device(device), op).__name__ == "kernels.reference"
-    assert backends.resolve("auto", torch.device("meta"), "na").__name__ == "kernels.reference"  # FLOP counts
+            assert backends.resolve("auto", torch.device(device), op).__name__ == "dinat.kernels.reference"
+    assert backends.resolve("auto", torch.device("meta"), "na").__name__ == "dinat.kernels.reference"  # FLOP counts
     assert "tiled" in kernels.available_backends("cpu")
     with pytest.raises(ValueError, match=r"backend='tiled' is unavailable for tensors on cpu: it has no separate qk op"):
         kernels.na2d_qk(torch.randn(1, 5, 5, 1, 2), torch.randn(1, 5, 5, 1, 2), 3, backend="tiled")
@@ -200,9 +200,9 @@ def test_benchmarking_switch_makes_auto_run_the_reference_in_every_process():
     """benchmarks/reference_auto (a sitecustomize on PYTHONPATH) gives the "before issue 13" auto
     choice for before/after timings; without it auto is tiled."""
     repo = Path(__file__).resolve().parents[1]
-    probe = "import torch, kernels; print(kernels.backends.resolve('auto', torch.device('cpu')).__name__)"
-    for path, expected in ((f"{repo}{os.pathsep}{repo / 'benchmarks' / 'reference_auto'}", "kernels.reference"),
-                           (str(repo), "kernels.tiled")):
+    probe = "import torch; from dinat import kernels; print(kernels.backends.resolve('auto', torch.device('cpu')).__name__)"
+    for path, expected in ((f"{repo}{os.pathsep}{repo / 'benchmarks' / 'reference_auto'}", "dinat.kernels.reference"),
+                           (str(repo), "dinat.kernels.tiled")):
         out = subprocess.run([sys.executable, "-c", probe], cwd=repo, capture_output=True, text=True, timeout=300,
                              env={**os.environ, "PYTHONPATH": path})
         assert out.returncode == 0, out.stderr
@@ -214,8 +214,8 @@ def test_auto_on_cuda_falls_back_to_tiled_after_the_triton_backends(monkeypatch)
     assert backends.AUTO_ORDER["cuda"] == ("fused", "unfused", "tiled", "reference")
     for name in ("fused", "unfused"):  # as on a CUDA machine without a working Triton
         monkeypatch.setitem(backends._LOADED, name, (None, "it cannot be imported (test)"))
-    assert backends.resolve("auto", cuda, "na").__name__ == "kernels.tiled"
-    assert backends.resolve("auto", cuda, "qk").__name__ == "kernels.reference"
+    assert backends.resolve("auto", cuda, "na").__name__ == "dinat.kernels.tiled"
+    assert backends.resolve("auto", cuda, "qk").__name__ == "dinat.kernels.reference"
 
 
 def test_models_run_tiled_by_default_on_cpu_and_match_the_reference(monkeypatch):

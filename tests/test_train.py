@@ -19,10 +19,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
-import models  # noqa: F401  (registers the DiNAT family in timm)
-from training import PREEMPTED_EXIT_CODE, PreemptionHandler, train
-from training.checkpoint import load
-from training.config import check_train
+from dinat import models  # noqa: F401  (registers the DiNAT family in timm)
+from dinat.training import PREEMPTED_EXIT_CODE, PreemptionHandler, train
+from dinat.training.checkpoint import load
+from dinat.training.config import check_train
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

@@ -6,8 +6,8 @@ import torch
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from kernels import geometry  # noqa: E402
-from kernels import triton_geometry as tg  # noqa: E402
+from dinat.kernels import geometry  # noqa: E402
+from dinat.kernels import triton_geometry as tg  # noqa: E402
 
 
 @triton.jit

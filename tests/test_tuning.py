@@ -11,11 +11,11 @@ import pytest
 import torch
 import triton
 
-import kernels
-from kernels import tuning
-from kernels.fused import backward as fused_bwd
-from kernels.fused import forward as fused_fwd
-from kernels.unfused import av_kernels, qk_kernels
+from dinat import kernels
+from dinat.kernels import tuning
+from dinat.kernels.fused import backward as fused_bwd
+from dinat.kernels.fused import forward as fused_fwd
+from dinat.kernels.unfused import av_kernels, qk_kernels
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the interpreter's configs (CPU only)")
 
@@ -245,14 +245,14 @@ FUSED_BLOCK_NAMES = {"fused_fwd": "BLOCK_K", "fused_bwd_dq": "BLOCK_K", "fused_b
 
 def _gpu_candidates(name):
     """The configs a GPU launch of ``name`` starts from (the interpreter's list holds one)."""
-    from kernels.fused import config
+    from dinat.kernels.fused import config
 
     return [triton.Config({FUSED_BLOCK_NAMES[name]: block}, num_warps=warps, num_stages=stages)
             for block, warps, stages in config.CANDIDATES[name]]
 
 
 def test_spill_free_table_covers_every_fused_kernel_and_head_dim_class():
-    from kernels.fused import config
+    from dinat.kernels.fused import config
 
     for name in FUSED_BLOCK_NAMES:
         for block_d in (32, 64, 128, 256):
@@ -263,7 +263,7 @@ def test_spill_free_table_covers_every_fused_kernel_and_head_dim_class():
 
 @pytest.mark.parametrize("name", sorted(FUSED_BLOCK_NAMES))
 def test_prune_keeps_the_measured_survivors_of_each_head_dim_class(name):
-    from kernels.fused import config
+    from dinat.kernels.fused import config
 
     prune = config.pruner(name, FUSED_BLOCK_NAMES[name])
     configs = _gpu_candidates(name)
@@ -278,7 +278,7 @@ def test_prune_keeps_the_measured_survivors_of_each_head_dim_class(name):
 
 
 def test_prune_never_leaves_zero_candidates(monkeypatch):
-    from kernels.fused import config
+    from dinat.kernels.fused import config
 
     prune = config.pruner("fused_fwd", "BLOCK_K")
     # Configs the table does not list (the interpreter's single one): the safest stays.
@@ -289,7 +289,7 @@ def test_prune_never_leaves_zero_candidates(monkeypatch):
 
 
 def test_fused_kernels_carry_the_prune_hook():
-    from kernels.fused import config
+    from dinat.kernels.fused import config
 
     for label, kernel in _fused_kernels().items():
         name = kernel.tuning_name
@@ -304,7 +304,7 @@ def test_fused_kernels_carry_the_prune_hook():
 
 
 def test_a_table_entry_wins_over_the_pruned_candidates(shipped_dir, monkeypatch):
-    from kernels.fused import config
+    from dinat.kernels.fused import config
 
     # Prune every head-dim class of this problem (D=16: BLOCK_D 16) down to (32, 4, 2): a table
     # entry still launches its own config (a one-config kernel that is never pruned).

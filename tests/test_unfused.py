@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
-import kernels  # noqa: E402
-from kernels import reference, unfused  # noqa: E402
-from kernels.api import check_params  # noqa: E402
-from kernels.geometry import NAParams  # noqa: E402
+from dinat import kernels  # noqa: E402
+from dinat.kernels import reference, unfused  # noqa: E402
+from dinat.kernels.api import check_params  # noqa: E402
+from dinat.kernels.geometry import NAParams  # noqa: E402
 
 from .brute_force import window  # noqa: E402
 from .strategies import Problem, problems  # noqa: E402
@@ -146,7 +146,7 @@ def test_strided_qkv_views_are_read_in_place():
     (want_grad,) = torch.autograd.grad(want.sum(), dense)
     assert torch.equal(out, want) and torch.equal(d_qkv, want_grad)
     # The strides reach the kernel unchanged (no copy): a padded 2-D view keeps its own strides.
-    from kernels.unfused.common import strides6
+    from dinat.kernels.unfused.common import strides6
     assert strides6(q) == (q.stride(0), 0, q.stride(1), q.stride(2), q.stride(3), q.stride(4))
 
 

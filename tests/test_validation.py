@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import kernels
-from kernels import backends
+from dinat import kernels
+from dinat.kernels import backends
 
 
 def qkv(shape=(1, 8, 8, 2, 4), dtype=torch.float32):
@@ -79,7 +79,7 @@ def test_av_attn_shape():
 
 
 def test_unavailable_backend_is_an_error(monkeypatch):
-    monkeypatch.setitem(backends.BACKENDS, "missing", "kernels._no_such_backend")
+    monkeypatch.setitem(backends.BACKENDS, "missing", "dinat.kernels._no_such_backend")
     with pytest.raises(ValueError, match=r"backend='missing' is unavailable for tensors on cpu: it cannot be imported"):
         kernels.na2d(*qkv(), 3, backend="missing")
     assert "missing" not in kernels.available_backends("cpu")
@@ -89,8 +89,8 @@ def test_unavailable_backend_is_an_error(monkeypatch):
 def test_auto_uses_tiled_on_cpu():
     # Changed by issue 13: "auto" on CPU was the reference; now the tiled PyTorch backend runs naXd
     # there, and the reference only the qk/av ops that "tiled" does not provide.
-    assert backends.resolve("auto", torch.device("cpu")).__name__ == "kernels.tiled"
-    assert backends.resolve("auto", torch.device("cpu"), "qk").__name__ == "kernels.reference"
+    assert backends.resolve("auto", torch.device("cpu")).__name__ == "dinat.kernels.tiled"
+    assert backends.resolve("auto", torch.device("cpu"), "qk").__name__ == "dinat.kernels.reference"
 
 
 def test_auto_passes_over_backends_that_cannot_take_the_problem(monkeypatch):
@@ -99,10 +99,10 @@ def test_auto_passes_over_backends_that_cannot_take_the_problem(monkeypatch):
     cpu = torch.device("cpu")
     available = kernels.available_backends(cpu)
     q64 = torch.randn(1, 8, 8, 2, 4, dtype=torch.float64)
-    assert backends.resolve("auto", cpu, "na", q64).__name__ == "kernels.reference"
-    assert backends.resolve("auto", cpu, "av", q64).__name__ == "kernels.reference"
+    assert backends.resolve("auto", cpu, "na", q64).__name__ == "dinat.kernels.reference"
+    assert backends.resolve("auto", cpu, "av", q64).__name__ == "dinat.kernels.reference"
     if "fused" in available:  # Triton importable and the interpreter on (tests/conftest.py)
-        assert backends.resolve("auto", cpu, "na", q64.float()).__name__ == "kernels.fused"
-        assert backends.resolve("auto", cpu, "qk", q64.float()).__name__ == "kernels.unfused"
+        assert backends.resolve("auto", cpu, "na", q64.float()).__name__ == "dinat.kernels.fused"
+        assert backends.resolve("auto", cpu, "qk", q64.float()).__name__ == "dinat.kernels.unfused"
         out = kernels.na2d(q64, q64, q64, 3)  # float64 through "auto": the reference, no error
         assert out.dtype == torch.float64

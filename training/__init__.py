@@ -12,6 +12,10 @@
 - tracking:    wandb or nothing
 """
 
+if __name__ == "training":  # this folder imported by its bare name: see dinat/_bare_names.py
+    from dinat._bare_names import hand_over
+    hand_over(globals())
+
 from .evaluator import run_eval
 from .preemption import PREEMPTED_EXIT_CODE, PreemptionHandler
 from .trainer import train

@@ -1,4 +1,4 @@
-"""Model construction through timm's registry (``import models`` registers the NAT/DiNAT family)."""
+"""Model construction through timm's registry (``import dinat`` registers the NAT/DiNAT family)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ log = logging.getLogger(__name__)
 def register_project_models() -> None:
     """Import the project's ``models`` package so its variants exist in timm's registry."""
     try:
-        importlib.import_module("models")
+        importlib.import_module("dinat.models")
     except ModuleNotFoundError as err:
-        if err.name != "models":  # models exists but one of its own imports failed: show that
+        if err.name != "dinat.models":  # models exists but one of its own imports failed: show that
             raise
 
 
