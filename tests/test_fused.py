@@ -107,17 +107,18 @@ def _drpb_layout(spatial, kernel_size, dilation):
 def test_drpb_layouts():
     """The dQ kernel maps (query, window slot) sums to dRPB bins in two ways: 2-D tiles whose regrouped
     slots fill tl.dot operands by two one-hot products (pitched slots, >= 16 bins per axis; with an RPB
-    every 2-D tile does, its window being >= 3 wide), the rest (1-D, 3-D) by a gather of compact
-    slots. test_multi_tile_problems runs each of these layouts."""
+    every 2-D tile does, its window being >= 3 wide), the rest (1-D, 3-D) by a gather per (query, bin).
+    1-D slots are power-of-two pitched like 2-D ones (the dQ loop sums them by window class,
+    backward.fold_block); 3-D keeps compact slots. test_multi_tile_problems runs each of these layouts."""
     dinat = _drpb_layout((24, 20), (7, 7), (1, 1))
     assert dinat.meta == dict(BLOCK_S=64, SLOT1=8, SLOT2=8, BLOCK_R1=16, BLOCK_R2=16, DRPB_BY_AXES=True)
     small_window = _drpb_layout((19, 21), (5, 3), (2, 3))  # 5 bins along axis 2, padded to 16
     assert small_window.meta["DRPB_BY_AXES"] and small_window.meta["BLOCK_R2"] == 16
     assert small_window.bins(torch.arange(small_window.row)).shape == (1, 9, 5)
-    for spatial, kernel_size, dilation in [((150,), (9,), (3,)), ((6, 5, 7), (3, 3, 3), (2, 1, 2))]:
+    for spatial, kernel_size, dilation, slot2 in [((150,), (9,), (3,), 16), ((6, 5, 7), (3, 3, 3), (2, 1, 2), 3)]:
         gathered = _drpb_layout(spatial, kernel_size, dilation)
         assert not gathered.meta["DRPB_BY_AXES"], spatial
-        assert gathered.meta["SLOT2"] == kernel_size[-1], spatial
+        assert gathered.meta["SLOT2"] == slot2, spatial
 
 
 def test_backward_is_deterministic():
