@@ -36,6 +36,8 @@ import triton
 from torch.library import wrap_triton
 from triton.runtime.autotuner import Autotuner
 
+from .triton_utils import interpreted
+
 TABLE_ENV = "DINAT_TUNING_TABLE"
 TUNED_DIR = Path(__file__).resolve().parent / "tuned"
 FORMAT = "dinat-tuning-table"
@@ -452,7 +454,7 @@ def resolve(kernel: TunedKernel, args: tuple, kwargs: dict):
 
 def run_kernel(kernel, grid, args: tuple, kwargs: dict) -> None:
     """Launch a ``@triton.jit``/autotuned kernel through ``wrap_triton`` (traceable by torch.compile)."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if interpreted():
         # Interpreted kernels are never traced (the ops trace PyTorch code or stay opaque there), and
         # torch 2.11's wrap_triton rejects them: launch directly.
         kernel[grid](*args, **kwargs)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import triton
 
 from .. import tuning
+from ..triton_utils import interpreted
 
 # What the autotuner's cache is keyed on: what changes the best block (head size, window, tile).
 # Map sizes and dilations are left out on purpose: they change the amount of work, not its shape,
@@ -19,10 +19,6 @@ AUTOTUNE_KEY = ["head_dim", "K0", "K1", "K2", "C0", "C1", "C2", "T0", "T1", "T2"
 TILE_TOKENS = 64
 # tl.dot needs every dimension >= 16 on a GPU.
 MIN_DOT = 16
-
-
-def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # Autotune candidates of the fused kernels: (halo block, warps, pipeline stages). 128-entry blocks

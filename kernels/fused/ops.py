@@ -23,7 +23,7 @@ from torch.utils.flop_counter import register_flop_formula
 from .. import reference
 from ..offsets import batch_slices, int64_offsets
 from ..tuning import launch
-from ..geometry import NAParams
+from ..triton_utils import interpreted, na_params, use_triton
 from . import config
 from .backward import na_bwd_dkdv_kernel, na_bwd_dq_kernel
 from .forward import na_fwd_kernel
@@ -98,19 +98,11 @@ class _DrpbLayout:
         return grid[..., :r1, :r2]
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    return x.device.type == "cuda" or (x.device.type == "cpu" and config.interpreted())
-
-
-def _params(kernel_size, dilation, is_causal) -> NAParams:
-    return NAParams(tuple(kernel_size), tuple(dilation), tuple(bool(c) for c in is_causal))
-
-
 def _register(name: str, fake):
     """``triton_op`` normally; an opaque ``custom_op`` + ``fake`` under the interpreter."""
 
     def wrap(fn):
-        if not config.interpreted():
+        if not interpreted():
             return triton_op(name, mutates_args=())(fn)
         op = torch.library.custom_op(name, mutates_args=())(fn)
         op.register_fake(fake)
@@ -137,8 +129,8 @@ def _bwd_fake(grad_out, grad_lse, query, key, value, rpb, out, lse, kernel_size,
 def na_fused_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rpb: Optional[torch.Tensor],
                  kernel_size: List[int], dilation: List[int], is_causal: List[bool],
                  scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    if not _use_triton(query):
-        return reference.na(query, key, value, _params(kernel_size, dilation, is_causal), rpb, scale, True)
+    if not use_triton(query):
+        return reference.na(query, key, value, na_params(kernel_size, dilation, is_causal), rpb, scale, True)
     p = _Problem(query, kernel_size, dilation, is_causal)
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     lse = torch.empty(query.shape[:-1], dtype=torch.float32, device=query.device)
@@ -159,7 +151,7 @@ def na_fused_bwd(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], query
                  kernel_size: List[int], dilation: List[int], is_causal: List[bool],
                  scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of (out, lse) w.r.t. (query, key, value, rpb); drpb is empty without an RPB."""
-    if not _use_triton(query):
+    if not use_triton(query):
         return _reference_bwd(grad_out, grad_lse, query, key, value, rpb, kernel_size, dilation, is_causal, scale)
     p = _Problem(query, kernel_size, dilation, is_causal)
     has_rpb = rpb is not None
@@ -206,7 +198,7 @@ def _reference_bwd(grad_out, grad_lse, query, key, value, rpb, kernel_size, dila
     ``torch.func.vjp`` rather than ``torch.autograd.grad``: a custom op's body runs below the
     autograd dispatch key, where plain autograd records nothing.
     """
-    params = _params(kernel_size, dilation, is_causal)
+    params = na_params(kernel_size, dilation, is_causal)
     inputs = (query, key, value) + ((rpb,) if rpb is not None else ())
 
     def forward(q, k, v, *bias):

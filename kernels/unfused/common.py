@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -19,27 +18,12 @@ import triton
 from .. import tuning
 from ..offsets import INT32_MAX, batch_slices, element_span, int64_offsets
 from ..tuning import launch
+from ..triton_utils import interpreted
 from ..geometry import NAParams
 
 # Head-dim lanes handled per step; larger head dims loop over chunks of this many lanes (the
 # padded lanes of the last chunk are masked), so the register tile never exceeds BLOCK_N x 64.
 MAX_BLOCK_D = 64
-
-
-def _interpret_env() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-# ``triton.jit`` picks the interpreter when a kernel is defined, i.e. when this package is imported.
-_INTERPRETED_KERNELS = _interpret_env()
-
-
-def interpreter_enabled() -> bool:
-    """Whether this package's kernels run through Triton's CPU interpreter.
-
-    True only if ``TRITON_INTERPRET=1`` was set when the kernels were defined and still is.
-    """
-    return _INTERPRETED_KERNELS and _interpret_env()
 
 
 @dataclass(frozen=True)
@@ -119,7 +103,7 @@ def row_configs() -> list[triton.Config]:
     The tile size only changes how work is split, never the order of any sum, so every config
     gives bit-identical results. The interpreter gets one large tile (fewer Python-level programs).
     """
-    if _INTERPRETED_KERNELS:
+    if interpreted():
         return [triton.Config({"BLOCK_N": MAX_BLOCK_N}, num_warps=4)]
     return [triton.Config({"BLOCK_N": bn}, num_warps=w) for bn in (32, 64, 128) for w in (4, 8)]
 
