@@ -23,41 +23,32 @@ from torch.utils.flop_counter import register_flop_formula
 from .. import reference
 from ..offsets import batch_slices, int64_offsets
 from ..tuning import launch
-from ..triton_utils import interpreted, na_params, use_triton
+from ..triton_utils import Padded3, interpreted, na_params, use_triton
 from . import config
 from .backward import na_bwd_dkdv_kernel, na_bwd_dq_kernel
 from .forward import na_fwd_kernel
 
+
 class _Problem:
-    """A [B, *spatial, H, D] problem padded to 3 axes (leading axes: size 1, kernel 1, stride 0)."""
+    """A [B, *spatial, H, D] problem padded to 3 axes (``geo``), with the fused kernels' tiling."""
 
     def __init__(self, query: torch.Tensor, kernel_size, dilation, is_causal):
-        self.ndim = query.dim() - 3
-        pad = 3 - self.ndim
+        self.geo = geo = Padded3.of(query.shape[1:-2], na_params(kernel_size, dilation, is_causal))
         self.batch, self.heads, self.head_dim = query.shape[0], query.shape[-2], query.shape[-1]
-        self.spatial = (1,) * pad + tuple(query.shape[1:-2])
-        self.kernel = (1,) * pad + tuple(int(k) for k in kernel_size)
-        self.dilation = (1,) * pad + tuple(int(d) for d in dilation)
-        self.causal = (False,) * pad + tuple(bool(c) for c in is_causal)
         self.block_d = config.block_d(self.head_dim)
         tokens = config.tile_tokens(self.block_d, query.element_size())
-        self.tile = config.tile_shape(self.spatial, self.dilation, self.ndim, tokens)
-        self.num_tiles = config.num_tiles(self.spatial, self.dilation, self.tile)
+        self.tile = config.tile_shape(geo.spatial, geo.dilation, geo.ndim, tokens)
+        self.num_tiles = config.num_tiles(geo.spatial, geo.dilation, self.tile)
         self.ieee = query.dtype == torch.float32
-        self.query_pitch = config.query_halo_pitch(self.spatial, self.dilation, self.kernel, self.tile)
-        self.key_pitch = config.key_halo_pitch(self.spatial, self.dilation, self.kernel, self.causal, self.tile)
-
-    def strides(self, x: torch.Tensor) -> tuple[int, ...]:
-        """(batch, axis0, axis1, axis2, [heads, dim]) strides of a heads-last tensor, 0 on padding."""
-        s = x.stride()
-        return (s[0], *((0,) * (3 - self.ndim)), *s[1:])
+        self.query_pitch = config.query_halo_pitch(geo.spatial, geo.dilation, geo.kernel_size, self.tile)
+        self.key_pitch = config.key_halo_pitch(geo.spatial, geo.dilation, geo.kernel_size, geo.is_causal, self.tile)
 
     def shape_args(self, scale: float) -> tuple:
-        return (*self.spatial, *self.dilation, self.heads, self.head_dim, scale)
+        return (*self.geo.spatial, *self.geo.dilation, self.heads, self.head_dim, scale)
 
     def meta(self, has_rpb: bool, pitch: tuple[int, int], int64: bool) -> dict:
-        k0, k1, k2 = self.kernel
-        c0, c1, c2 = self.causal
+        k0, k1, k2 = self.geo.kernel_size
+        c0, c1, c2 = self.geo.is_causal
         t0, t1, t2 = self.tile
         return dict(K0=k0, K1=k1, K2=k2, C0=c0, C1=c1, C2=c2, T0=t0, T1=t1, T2=t2, P1=pitch[0], P2=pitch[1],
                     HAS_RPB=has_rpb, BLOCK_D=self.block_d, IEEE=self.ieee, INT64_OFFSETS=int64)
@@ -79,9 +70,9 @@ class _DrpbLayout:
     """
 
     def __init__(self, p: _Problem):
-        k0, k1, k2 = p.kernel
+        k0, k1, k2 = p.geo.kernel_size
         _, t1, t2 = p.tile
-        self.rel = tuple(2 * k - 1 for k in p.kernel)
+        self.rel = tuple(2 * k - 1 for k in p.geo.kernel_size)
         pitch1, pitch2 = triton.next_power_of_2(k1), triton.next_power_of_2(k2)
         by_axes = p.tile[0] == 1 and k0 == 1 and t1 * pitch1 >= config.MIN_DOT and t2 * pitch2 >= config.MIN_DOT
         # 1-D/2-D: power-of-two slots, which the kernel fills by window class (``backward.fold_block``).
@@ -140,7 +131,7 @@ def na_fused_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rp
     for batch, (q_b, k_b, v_b, out_b, lse_b) in p.batch_slices(query, key, value, out, lse):
         launch(na_fwd_kernel, (p.num_tiles, batch * p.heads), (
             q_b, k_b, v_b, rpb_arg, out_b, lse_b,
-            *p.strides(query), *p.strides(key), *p.strides(value), *p.strides(out), *p.strides(lse),
+            *p.geo.strides(query), *p.geo.strides(key), *p.geo.strides(value), *p.geo.strides(out), *p.geo.strides(lse),
             *p.shape_args(scale)), meta)
     return out, lse
 
@@ -173,13 +164,13 @@ def na_fused_bwd(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], query
         partials.append(partial)
         launch(na_bwd_dq_kernel, (p.num_tiles, batch * p.heads), (
             q_b, k_b, v_b, rpb_arg, out_b, do_b, lse_b, dlse_b, dq_b, stats_b, partial,
-            *p.strides(query), *p.strides(key), *p.strides(value), *p.strides(out), *p.strides(grad_out),
-            *p.strides(dq), *p.strides(lse),
+            *p.geo.strides(query), *p.geo.strides(key), *p.geo.strides(value), *p.geo.strides(out),
+            *p.geo.strides(grad_out), *p.geo.strides(dq), *p.geo.strides(lse),
             *p.shape_args(scale)), dict(HAS_DLSE=has_dlse, **drpb_layout.meta, **p.meta(has_rpb, p.query_pitch, int64)))
         launch(na_bwd_dkdv_kernel, (p.num_tiles, batch * p.heads), (
             q_b, k_b, v_b, rpb_arg, do_b, stats_b, dk_b, dv_b,
-            *p.strides(query), *p.strides(key), *p.strides(value), *p.strides(dk), *p.strides(grad_out),
-            *p.strides(lse),
+            *p.geo.strides(query), *p.geo.strides(key), *p.geo.strides(value), *p.geo.strides(dk),
+            *p.geo.strides(grad_out), *p.geo.strides(lse),
             *p.shape_args(scale)), p.meta(has_rpb, p.key_pitch, int64))
     if has_rpb:
         # Fixed-order sum over (tile, batch), then over launches: deterministic, unlike atomics.

@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from .. import triton_geometry as tg
-from .common import Geometry3, launch_rows, strides6, tuned
+from ..triton_utils import Padded3
+from .common import launch_rows, tuned
 from .qk_kernels import row_tile
 
 
@@ -67,11 +68,11 @@ def _window_sum_kernel(
                  mask=n_mask[:, None] & d_mask[None, :])
 
 
-def window_sum(w: torch.Tensor, y: torch.Tensor, geo: Geometry3, scale: float, out: torch.Tensor) -> torch.Tensor:
+def window_sum(w: torch.Tensor, y: torch.Tensor, geo: Padded3, scale: float, out: torch.Tensor) -> torch.Tensor:
     """Fill ``out`` ``[B, *spatial, H, D]`` with the window-weighted sums (see module doc)."""
     if out.numel() == 0:
         return out
-    launch_rows(_window_sum_kernel, lambda w, y, out: (w, y, out, *strides6(w), *strides6(y), *strides6(out)),
+    launch_rows(_window_sum_kernel, lambda w, y, out: (w, y, out, *geo.strides(w), *geo.strides(y), *geo.strides(out)),
                 (w, y, out), y, out, geo, scale)
     return out
 
@@ -139,10 +140,10 @@ def _inverse_sum_kernel(
                  mask=n_mask[:, None] & d_mask[None, :])
 
 
-def inverse_sum(w: torch.Tensor, x: torch.Tensor, geo: Geometry3, scale: float, out: torch.Tensor) -> torch.Tensor:
+def inverse_sum(w: torch.Tensor, x: torch.Tensor, geo: Padded3, scale: float, out: torch.Tensor) -> torch.Tensor:
     """Fill ``out`` ``[B, *spatial, H, D]`` with the inverse-neighbourhood sums (see module doc)."""
     if out.numel() == 0:
         return out
-    launch_rows(_inverse_sum_kernel, lambda w, x, out: (w, x, out, *strides6(w), *strides6(x), *strides6(out)),
+    launch_rows(_inverse_sum_kernel, lambda w, x, out: (w, x, out, *geo.strides(w), *geo.strides(x), *geo.strides(out)),
                 (w, x, out), x, out, geo, scale)
     return out

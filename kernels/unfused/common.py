@@ -1,16 +1,11 @@
-"""Host-side helpers shared by the unfused kernels: 3-D padding of the geometry, strides, configs, launch.
+"""Host-side helpers shared by the unfused kernels: kernel arguments, configs, launch.
 
-Every kernel is written once for three spatial axes. A 1-D or 2-D problem is run as a 3-D one whose
-leading axes have length 1, kernel size 1 and dilation 1: with ``k = 1`` the window rule of
-``kernels.triton_geometry`` gives every such axis the single slot ``j = i = 0``, so the padded axes
-change neither the neighbour order (row-major, axis 0 slowest) nor the RPB index.
+Every kernel is written once for three spatial axes: problems arrive padded (``triton_utils.Padded3``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -18,64 +13,19 @@ import triton
 from .. import tuning
 from ..offsets import INT32_MAX, batch_slices, element_span, int64_offsets
 from ..tuning import launch
-from ..triton_utils import interpreted
-from ..geometry import NAParams
+from ..triton_utils import Padded3, interpreted
 
 # Head-dim lanes handled per step; larger head dims loop over chunks of this many lanes (the
 # padded lanes of the last chunk are masked), so the register tile never exceeds BLOCK_N x 64.
 MAX_BLOCK_D = 64
 
 
-@dataclass(frozen=True)
-class Geometry3:
-    """An NA problem padded to three spatial axes (padded axes first)."""
-
-    spatial: tuple[int, int, int]
-    kernel_size: tuple[int, int, int]
-    dilation: tuple[int, int, int]
-    is_causal: tuple[bool, bool, bool]
-    ndim: int  # the real number of spatial axes
-
-    @property
-    def num_tokens(self) -> int:
-        return math.prod(self.spatial)
-
-    @property
-    def num_slots(self) -> int:
-        return math.prod(self.kernel_size)
-
-    @property
-    def rpb_bins(self) -> int:
-        return math.prod(2 * k - 1 for k in self.kernel_size)
-
-    def kernel_args(self) -> dict:
-        """Keyword arguments every kernel takes, in their kernel names."""
-        (l0, l1, l2), (k0, k1, k2) = self.spatial, self.kernel_size
-        (d0, d1, d2), (c0, c1, c2) = self.dilation, self.is_causal
-        return dict(L0=l0, L1=l1, L2=l2, dil0=d0, dil1=d1, dil2=d2,
-                    K0=k0, K1=k1, K2=k2, CAUSAL0=c0, CAUSAL1=c1, CAUSAL2=c2)
-
-
-def geometry3(spatial, params: NAParams) -> Geometry3:
-    pad = 3 - len(spatial)
-    return Geometry3(
-        spatial=(1,) * pad + tuple(int(s) for s in spatial),
-        kernel_size=(1,) * pad + tuple(params.kernel_size),
-        dilation=(1,) * pad + tuple(params.dilation),
-        is_causal=(False,) * pad + tuple(params.is_causal),
-        ndim=len(spatial),
-    )
-
-
-def strides6(x: torch.Tensor) -> tuple[int, int, int, int, int, int]:
-    """Strides ``(batch, axis0, axis1, axis2, heads, last)`` of a ``[B, *spatial, H, X]`` tensor.
-
-    Padded spatial axes get stride 0 (their only index is 0). Any strides work, so views such as
-    ``qkv.unbind(-3)`` and expanded gradients are read in place, without a copy.
-    """
-    s = x.stride()
-    spatial = s[1:-2]
-    return (s[0], *((0,) * (3 - len(spatial))), *spatial, s[-2], s[-1])
+def kernel_args(geo: Padded3) -> dict:
+    """Keyword arguments every row kernel takes, in their kernel names."""
+    (l0, l1, l2), (k0, k1, k2) = geo.spatial, geo.kernel_size
+    (d0, d1, d2), (c0, c1, c2) = geo.dilation, geo.is_causal
+    return dict(L0=l0, L1=l1, L2=l2, dil0=d0, dil1=d1, dil2=d2,
+                K0=k0, K1=k1, K2=k2, CAUSAL0=c0, CAUSAL1=c1, CAUSAL2=c2)
 
 
 def require_int32_span(x: torch.Tensor) -> None:
@@ -131,7 +81,7 @@ def on_device_of(x: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def launch_rows(kernel, make_args, batched: tuple, rows: torch.Tensor, out: torch.Tensor, geo: Geometry3,
+def launch_rows(kernel, make_args, batched: tuple, rows: torch.Tensor, out: torch.Tensor, geo: Padded3,
                 scale: float, **flags) -> None:
     """Launch a row kernel over its grid ``(cdiv(N, BLOCK_N), batch * heads)``.
 
@@ -156,4 +106,4 @@ def launch_rows(kernel, make_args, batched: tuple, rows: torch.Tensor, out: torc
 
             launch(kernel, grid, make_args(*part), dict(
                 N=n, heads=heads, scale=float(scale), HEAD_DIM=head_dim, **flags, INT64_OFFSETS=int64,
-                BLOCK_D=block_d(head_dim), **geo.kernel_args()))
+                BLOCK_D=block_d(head_dim), **kernel_args(geo)))

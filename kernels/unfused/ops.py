@@ -24,10 +24,9 @@ from torch.utils.flop_counter import register_flop_formula
 
 from . import torch_path
 from .av_kernels import inverse_sum, window_sum
-from .common import geometry3
 from .qk_kernels import window_dot
 from .rpb_kernels import rpb_grad
-from ..triton_utils import na_params, use_triton
+from ..triton_utils import Padded3, na_params, use_triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -54,7 +53,7 @@ def na_qk(query: torch.Tensor, key: torch.Tensor, rpb: Optional[torch.Tensor], k
     if not use_triton(query, key, rpb):
         return torch_path.qk_forward(query, key, rpb, params, scale, out_dtype)
     out = query.new_empty((*query.shape[:-1], params.num_neighbors), dtype=out_dtype)
-    return window_dot(query, key, rpb, geometry3(query.shape[1:-2], params), scale, True, out)
+    return window_dot(query, key, rpb, Padded3.of(query.shape[1:-2], params), scale, True, out)
 
 
 @triton_op("dinat::na_qk_backward", mutates_args=())
@@ -63,7 +62,7 @@ def na_qk_backward(grad_logits: torch.Tensor, query: torch.Tensor, key: torch.Te
     params = na_params(kernel_size, dilation, is_causal)
     if not use_triton(grad_logits, query, key):
         return torch_path.qk_backward(grad_logits, query, key, params, scale)
-    geo = geometry3(query.shape[1:-2], params)
+    geo = Padded3.of(query.shape[1:-2], params)
     d_query = window_sum(grad_logits, key, geo, scale, query.new_empty(query.shape))
     d_key = inverse_sum(grad_logits, query, geo, scale, key.new_empty(key.shape))
     return d_query, d_key
@@ -75,7 +74,7 @@ def na_rpb_backward(grad_logits: torch.Tensor, kernel_size: list[int], dilation:
     params = na_params(kernel_size, dilation, is_causal)
     if not use_triton(grad_logits):
         return torch_path.rpb_backward(grad_logits, params)
-    return rpb_grad(grad_logits, geometry3(grad_logits.shape[1:-2], params))
+    return rpb_grad(grad_logits, Padded3.of(grad_logits.shape[1:-2], params))
 
 
 def _qk_setup_context(ctx, inputs, output):
@@ -111,7 +110,7 @@ def na_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: list[int], dilat
     params = na_params(kernel_size, dilation, is_causal)
     if not use_triton(attn, value):
         return torch_path.av_forward(attn, value, params)
-    return window_sum(attn, value, geometry3(value.shape[1:-2], params), 1.0, value.new_empty(value.shape))
+    return window_sum(attn, value, Padded3.of(value.shape[1:-2], params), 1.0, value.new_empty(value.shape))
 
 
 @triton_op("dinat::na_av_backward", mutates_args=())
@@ -120,7 +119,7 @@ def na_av_backward(grad_out: torch.Tensor, attn: torch.Tensor, value: torch.Tens
     params = na_params(kernel_size, dilation, is_causal)
     if not use_triton(grad_out, attn, value):
         return torch_path.av_backward(grad_out, attn, value, params)
-    geo = geometry3(value.shape[1:-2], params)
+    geo = Padded3.of(value.shape[1:-2], params)
     d_attn = window_dot(grad_out, value, None, geo, 1.0, False, attn.new_empty(attn.shape))
     d_value = inverse_sum(attn, grad_out, geo, 1.0, value.new_empty(value.shape))
     return d_attn, d_value

@@ -15,7 +15,8 @@ import triton
 import triton.language as tl
 
 from .. import triton_geometry as tg
-from .common import Geometry3, launch_rows, strides6, tuned
+from ..triton_utils import Padded3
+from .common import launch_rows, tuned
 
 
 @triton.jit
@@ -108,12 +109,13 @@ def _window_dot_kernel(
         tl.store(o_rows + t * o_sk, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
-def window_dot(x: torch.Tensor, y: torch.Tensor, rpb: torch.Tensor | None, geo: Geometry3, scale: float,
+def window_dot(x: torch.Tensor, y: torch.Tensor, rpb: torch.Tensor | None, geo: Padded3, scale: float,
                fill_neg_inf: bool, out: torch.Tensor) -> torch.Tensor:
     """Fill ``out`` ``[B, *spatial, H, K]`` with the window dot products (see module doc)."""
     if out.numel() == 0:
         return out
     rpb_arg = rpb.contiguous() if rpb is not None else x  # any pointer when HAS_RPB is off
-    launch_rows(_window_dot_kernel, lambda x, y, out: (x, y, rpb_arg, out, *strides6(x), *strides6(y), *strides6(out)),
+    launch_rows(_window_dot_kernel,
+                lambda x, y, out: (x, y, rpb_arg, out, *geo.strides(x), *geo.strides(y), *geo.strides(out)),
                 (x, y, out), x, out, geo, scale, HAS_RPB=rpb is not None, FILL_NEG_INF=fill_neg_inf)
     return out

@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from ..tuning import run_kernel
-from .common import Geometry3, on_device_of, require_int32_span, strides6
+from ..triton_utils import Padded3
+from .common import kernel_args, on_device_of, require_int32_span
 
 # Fixed tiles (never autotuned): they fix the order in which every bin is summed.
 BATCH_LANES = 32  # batch elements per program (one accumulator row each)
@@ -154,7 +155,7 @@ def _axis_tiling(length: int, kernel: int, dilation: int, max_piece: int) -> tup
     return border_pieces, interior_pieces, triton.cdiv(dilation, border_pieces), triton.cdiv(interior, interior_pieces)
 
 
-def rpb_grad(grad_logits: torch.Tensor, geo: Geometry3) -> torch.Tensor:
+def rpb_grad(grad_logits: torch.Tensor, geo: Padded3) -> torch.Tensor:
     """dRPB ``[H, *(2k-1)]`` in float32 from the logits gradient ``[B, *spatial, H, K]``.
 
     Programs write partials ``[boxes x batch blocks, H, bins]`` (see the module doc), which are
@@ -174,11 +175,11 @@ def rpb_grad(grad_logits: torch.Tensor, geo: Geometry3) -> torch.Tensor:
         boxes *= (k - 1) * border_pieces + interior_pieces
     batch_blocks = triton.cdiv(batch, BATCH_LANES)
     partial = torch.zeros((boxes * batch_blocks, heads, geo.rpb_bins), dtype=torch.float32, device=grad_logits.device)
-    args = dict(batch=batch, heads=heads, BLOCK_B=BATCH_LANES, BLOCK_X=block_x, BLOCK_T=block_t, **geo.kernel_args())
+    args = dict(batch=batch, heads=heads, BLOCK_B=BATCH_LANES, BLOCK_X=block_x, BLOCK_T=block_t, **kernel_args(geo))
     for name, column in zip(("NB", "NI", "PB", "PI"), zip(*tiling)):
         args.update({f"{name}{axis}": value for axis, value in enumerate(column)})
     require_int32_span(grad_logits)  # offsets inside a batch element are int32 here
     with on_device_of(partial):
-        run_kernel(_rpb_grad_kernel, (boxes, heads * batch_blocks), (grad_logits, partial, *strides6(grad_logits)),
+        run_kernel(_rpb_grad_kernel, (boxes, heads * batch_blocks), (grad_logits, partial, *geo.strides(grad_logits)),
                    args)
     return partial.sum(0).reshape(heads, *bins)
