@@ -99,3 +99,17 @@ class Padded3:
         in place, without a copy."""
         s = x.stride()
         return (s[0], *((0,) * (3 - self.ndim)), *s[1:])
+
+    def stride_args(self, **tensors: torch.Tensor) -> dict:
+        """The ``strides`` of every ``name=tensor`` as the kernels' keyword arguments ``s<name>b,
+        s<name>0, s<name>1, s<name>2, s<name>h, s<name>d`` (both families name strides this way;
+        ``d`` is the last axis)."""
+        return {f"s{name}{axis}": stride for name, x in tensors.items()
+                for axis, stride in zip("b012hd", self.strides(x))}
+
+    def shape_args(self) -> dict:
+        """The geometry as the kernels' keyword arguments: ``L*`` sizes, ``D*`` dilations, ``K*`` kernel
+        sizes, ``C*`` causality (axis 0 first)."""
+        return {f"{letter}{axis}": value for letter, values in
+                (("L", self.spatial), ("D", self.dilation), ("K", self.kernel_size), ("C", self.is_causal))
+                for axis, value in enumerate(values)}

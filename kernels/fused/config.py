@@ -97,12 +97,6 @@ def pruner(tuning_name: str, block_name: str):
     return early_config_prune
 
 
-# Where the fused kernels keep the fields of a tuning-table key (see kernels.tuning).
-TUNING_KEY_ARGS = tuning.KeyArgs(dtype_of="q_ptr", head_dim="head_dim", spatial=("L0", "L1", "L2"),
-                                 kernel_size=("K0", "K1", "K2"), dilation=("D0", "D1", "D2"),
-                                 causal=("C0", "C1", "C2"), rpb="HAS_RPB")
-
-
 def autotuned(kernel, block_name: str, tuning_name: str, outputs: tuple[str, ...]):
     """``kernel`` autotuned over its halo block size ``block_name`` (and warps/stages).
 
@@ -112,7 +106,7 @@ def autotuned(kernel, block_name: str, tuning_name: str, outputs: tuple[str, ...
     config always fits.
     """
     return tuning.autotune(configs=_configs(block_name, tuning_name), key=AUTOTUNE_KEY, name=tuning_name,
-                           key_args=TUNING_KEY_ARGS, outputs=outputs,
+                           dtype_of="q_ptr", outputs=outputs,
                            prune=pruner(tuning_name, block_name))(kernel)
 
 

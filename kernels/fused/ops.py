@@ -43,14 +43,11 @@ class _Problem:
         self.query_pitch = config.query_halo_pitch(geo.spatial, geo.dilation, geo.kernel_size, self.tile)
         self.key_pitch = config.key_halo_pitch(geo.spatial, geo.dilation, geo.kernel_size, geo.is_causal, self.tile)
 
-    def shape_args(self, scale: float) -> tuple:
-        return (*self.geo.spatial, *self.geo.dilation, self.heads, self.head_dim, scale)
-
-    def meta(self, has_rpb: bool, pitch: tuple[int, int], int64: bool) -> dict:
-        k0, k1, k2 = self.geo.kernel_size
-        c0, c1, c2 = self.geo.is_causal
+    def meta(self, has_rpb: bool, pitch: tuple[int, int], int64: bool, scale: float) -> dict:
+        """The keyword arguments every fused kernel takes besides its tensors and their strides."""
         t0, t1, t2 = self.tile
-        return dict(K0=k0, K1=k1, K2=k2, C0=c0, C1=c1, C2=c2, T0=t0, T1=t1, T2=t2, P1=pitch[0], P2=pitch[1],
+        return dict(**self.geo.shape_args(), H=self.heads, head_dim=self.head_dim, scale=scale,
+                    T0=t0, T1=t1, T2=t2, P1=pitch[0], P2=pitch[1],
                     HAS_RPB=has_rpb, BLOCK_D=self.block_d, IEEE=self.ieee, INT64_OFFSETS=int64)
 
     def batch_slices(self, *tensors: torch.Tensor) -> list[tuple[int, tuple]]:
@@ -127,12 +124,11 @@ def na_fused_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rp
     lse = torch.empty(query.shape[:-1], dtype=torch.float32, device=query.device)
     has_rpb = rpb is not None
     rpb_arg = rpb.contiguous() if has_rpb else lse  # never read without an RPB
-    meta = p.meta(has_rpb, p.query_pitch, int64_offsets(query, key, value, out, lse))
+    strides = p.geo.stride_args(q=query, k=key, v=value, o=out, l=lse)
+    meta = p.meta(has_rpb, p.query_pitch, int64_offsets(query, key, value, out, lse), scale)
     for batch, (q_b, k_b, v_b, out_b, lse_b) in p.batch_slices(query, key, value, out, lse):
-        launch(na_fwd_kernel, (p.num_tiles, batch * p.heads), (
-            q_b, k_b, v_b, rpb_arg, out_b, lse_b,
-            *p.geo.strides(query), *p.geo.strides(key), *p.geo.strides(value), *p.geo.strides(out), *p.geo.strides(lse),
-            *p.shape_args(scale)), meta)
+        launch(na_fwd_kernel, (p.num_tiles, batch * p.heads), (), dict(
+            q_ptr=q_b, k_ptr=k_b, v_ptr=v_b, rpb_ptr=rpb_arg, o_ptr=out_b, lse_ptr=lse_b, **strides, **meta))
     return out, lse
 
 
@@ -156,22 +152,21 @@ def na_fused_bwd(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], query
     has_dlse = grad_lse is not None
     dlse_arg = grad_lse.contiguous() if has_dlse else lse
     int64 = int64_offsets(query, key, value, out, grad_out, dq, dk, dv, lse, dlse_arg, stats)
+    # dq/dk/dv (``sg*``) are contiguous like the query; lse and dlse (and stats, at twice the offset) share ``sl*``.
+    dq_strides = p.geo.stride_args(q=query, k=key, v=value, o=out, do=grad_out, g=dq, l=lse)
+    dkdv_strides = p.geo.stride_args(q=query, k=key, v=value, g=dk, do=grad_out, l=lse)
     partials = []
     for batch, (q_b, k_b, v_b, out_b, do_b, lse_b, dlse_b, dq_b, stats_b, dk_b, dv_b) in p.batch_slices(
             query, key, value, out, grad_out, lse, dlse_arg, dq, stats, dk, dv):
         partial = torch.zeros((p.num_tiles, batch, p.heads, drpb_layout.row) if has_rpb else (1,),
                               dtype=torch.float32, device=query.device)
         partials.append(partial)
-        launch(na_bwd_dq_kernel, (p.num_tiles, batch * p.heads), (
-            q_b, k_b, v_b, rpb_arg, out_b, do_b, lse_b, dlse_b, dq_b, stats_b, partial,
-            *p.geo.strides(query), *p.geo.strides(key), *p.geo.strides(value), *p.geo.strides(out),
-            *p.geo.strides(grad_out), *p.geo.strides(dq), *p.geo.strides(lse),
-            *p.shape_args(scale)), dict(HAS_DLSE=has_dlse, **drpb_layout.meta, **p.meta(has_rpb, p.query_pitch, int64)))
-        launch(na_bwd_dkdv_kernel, (p.num_tiles, batch * p.heads), (
-            q_b, k_b, v_b, rpb_arg, do_b, stats_b, dk_b, dv_b,
-            *p.geo.strides(query), *p.geo.strides(key), *p.geo.strides(value), *p.geo.strides(dk),
-            *p.geo.strides(grad_out), *p.geo.strides(lse),
-            *p.shape_args(scale)), p.meta(has_rpb, p.key_pitch, int64))
+        tensors = dict(q_ptr=q_b, k_ptr=k_b, v_ptr=v_b, rpb_ptr=rpb_arg, do_ptr=do_b, stats_ptr=stats_b)
+        launch(na_bwd_dq_kernel, (p.num_tiles, batch * p.heads), (), dict(
+            **tensors, o_ptr=out_b, lse_ptr=lse_b, dlse_ptr=dlse_b, dq_ptr=dq_b, drpb_ptr=partial,
+            **dq_strides, HAS_DLSE=has_dlse, **drpb_layout.meta, **p.meta(has_rpb, p.query_pitch, int64, scale)))
+        launch(na_bwd_dkdv_kernel, (p.num_tiles, batch * p.heads), (), dict(
+            **tensors, dk_ptr=dk_b, dv_ptr=dv_b, **dkdv_strides, **p.meta(has_rpb, p.key_pitch, int64, scale)))
     if has_rpb:
         # Fixed-order sum over (tile, batch), then over launches: deterministic, unlike atomics.
         rows = partials[0].sum(dim=(0, 1))

@@ -17,15 +17,7 @@ from ..triton_utils import Padded3, interpreted
 
 # Head-dim lanes handled per step; larger head dims loop over chunks of this many lanes (the
 # padded lanes of the last chunk are masked), so the register tile never exceeds BLOCK_N x 64.
-MAX_BLOCK_D = 64
-
-
-def kernel_args(geo: Padded3) -> dict:
-    """Keyword arguments every row kernel takes, in their kernel names."""
-    (l0, l1, l2), (k0, k1, k2) = geo.spatial, geo.kernel_size
-    (d0, d1, d2), (c0, c1, c2) = geo.dilation, geo.is_causal
-    return dict(L0=l0, L1=l1, L2=l2, dil0=d0, dil1=d1, dil2=d2,
-                K0=k0, K1=k1, K2=k2, CAUSAL0=c0, CAUSAL1=c1, CAUSAL2=c2)
+MAX_CHUNK_D = 64
 
 
 def require_int32_span(x: torch.Tensor) -> None:
@@ -39,8 +31,10 @@ def require_int32_span(x: torch.Tensor) -> None:
         )
 
 
-def block_d(head_dim: int) -> int:
-    return min(triton.next_power_of_2(head_dim), MAX_BLOCK_D)
+def head_dim_chunk(head_dim: int) -> int:
+    """``CHUNK_D``: head-dim lanes a row kernel handles per step (the fused kernels' ``BLOCK_D``, by
+    contrast, covers the whole padded head dim)."""
+    return min(triton.next_power_of_2(head_dim), MAX_CHUNK_D)
 
 
 # The largest row tile of ``row_configs``.
@@ -59,19 +53,16 @@ def row_configs() -> list[triton.Config]:
 
 
 # What the row kernels' autotuners are keyed on (the tile splits rows; the window sets the work per row).
-AUTOTUNE_KEY = ["N", "HEAD_DIM", "K0", "K1", "K2"]
+AUTOTUNE_KEY = ["N", "head_dim", "K0", "K1", "K2"]
 
 
-def tuned(name: str, dtype_of: str, has_rpb_arg: bool):
+def tuned(name: str, dtype_of: str):
     """``triton.autotune`` over ``row_configs()`` that asks the tuning tables first (``kernels.tuning``).
 
-    ``dtype_of`` names the tensor argument whose dtype keys the table; ``has_rpb_arg`` whether the
-    kernel takes a ``HAS_RPB`` flag. Every row kernel writes only ``out_ptr``.
+    ``dtype_of`` names the tensor argument whose dtype keys the table. Every row kernel writes only
+    ``out_ptr``.
     """
-    key_args = tuning.KeyArgs(dtype_of=dtype_of, head_dim="HEAD_DIM", spatial=("L0", "L1", "L2"),
-                              kernel_size=("K0", "K1", "K2"), dilation=("dil0", "dil1", "dil2"),
-                              causal=("CAUSAL0", "CAUSAL1", "CAUSAL2"), rpb="HAS_RPB" if has_rpb_arg else None)
-    return tuning.autotune(configs=row_configs(), key=AUTOTUNE_KEY, name=name, key_args=key_args, outputs=("out_ptr",))
+    return tuning.autotune(configs=row_configs(), key=AUTOTUNE_KEY, name=name, dtype_of=dtype_of, outputs=("out_ptr",))
 
 
 def on_device_of(x: torch.Tensor):
@@ -85,11 +76,11 @@ def launch_rows(kernel, make_args, batched: tuple, rows: torch.Tensor, out: torc
                 scale: float, **flags) -> None:
     """Launch a row kernel over its grid ``(cdiv(N, BLOCK_N), batch * heads)``.
 
-    ``make_args(*batched)`` gives the kernel's positional arguments for ``batched``, the
+    ``make_args(*batched)`` gives the kernel's tensor and stride keyword arguments for ``batched``, the
     ``[B, ...]`` tensors it indexes (sliced along the batch when ``batch * heads`` programs exceed
     CUDA's grid axis 1: ``kernels.offsets.batch_slices``); ``rows`` (``[B, *spatial, H, D]``)
     gives heads and head dim; ``out`` is the tensor the kernel writes; ``flags`` are the kernel's
-    own constexprs (passed before ``BLOCK_D``). ``INT64_OFFSETS`` is chosen from all of them.
+    own constexprs (passed before ``CHUNK_D``). ``INT64_OFFSETS`` is chosen from all of them.
     """
     heads, head_dim = rows.shape[-2], rows.shape[-1]
     n = geo.num_tokens
@@ -104,6 +95,6 @@ def launch_rows(kernel, make_args, batched: tuple, rows: torch.Tensor, out: torc
             def grid(meta, batch=batch):
                 return (triton.cdiv(n, meta["BLOCK_N"]), batch * heads)
 
-            launch(kernel, grid, make_args(*part), dict(
-                N=n, heads=heads, scale=float(scale), HEAD_DIM=head_dim, **flags, INT64_OFFSETS=int64,
-                BLOCK_D=block_d(head_dim), **kernel_args(geo)))
+            launch(kernel, grid, (), dict(**make_args(*part),
+                N=n, H=heads, scale=float(scale), head_dim=head_dim, **flags, INT64_OFFSETS=int64,
+                CHUNK_D=head_dim_chunk(head_dim), **geo.shape_args()))
