@@ -36,6 +36,8 @@ import triton
 from torch.library import wrap_triton
 from triton.runtime.autotuner import Autotuner
 
+from .triton_utils import interpreted
+
 TABLE_ENV = "DINAT_TUNING_TABLE"
 TUNED_DIR = Path(__file__).resolve().parent / "tuned"
 FORMAT = "dinat-tuning-table"
@@ -357,23 +359,22 @@ def _shipped_table(directory: Path, family: str) -> Optional[Path]:
 # Launch-time choice
 
 
-@dataclass(frozen=True)
-class KeyArgs:
-    """Which kernel arguments hold the key fields (names differ between the kernel families)."""
+# The argument vocabulary both kernel families share: where a launch holds the key's fields.
+HEAD_DIM_ARG = "head_dim"
+SPATIAL_ARGS = ("L0", "L1", "L2")
+KERNEL_SIZE_ARGS = ("K0", "K1", "K2")
+DILATION_ARGS = ("D0", "D1", "D2")
+CAUSAL_ARGS = ("C0", "C1", "C2")
+RPB_ARG = "HAS_RPB"  # a constexpr flag; kernels without one have no RPB
 
-    dtype_of: str  # a tensor argument whose dtype is the key's dtype
-    head_dim: str
-    spatial: tuple[str, str, str]
-    kernel_size: tuple[str, str, str]
-    dilation: tuple[str, str, str]
-    causal: tuple[str, str, str]
-    rpb: Optional[str]  # a constexpr flag, or None for kernels without an RPB
 
-    def key(self, kernel: str, bound: dict) -> TuningKey:
-        return TuningKey.make(kernel, bound[self.dtype_of].dtype, bound[self.head_dim],
-                              [bound[n] for n in self.spatial], [bound[n] for n in self.kernel_size],
-                              [bound[n] for n in self.dilation], [bound[n] for n in self.causal],
-                              bool(bound[self.rpb]) if self.rpb else False)
+def tuning_key(kernel: str, dtype_of: str, bound: dict) -> TuningKey:
+    """The table key of a launch whose arguments (by name) are ``bound``; ``dtype_of`` names the
+    tensor argument whose dtype is the key's dtype."""
+    return TuningKey.make(kernel, bound[dtype_of].dtype, bound[HEAD_DIM_ARG],
+                          [bound[n] for n in SPATIAL_ARGS], [bound[n] for n in KERNEL_SIZE_ARGS],
+                          [bound[n] for n in DILATION_ARGS], [bound[n] for n in CAUSAL_ARGS],
+                          bool(bound.get(RPB_ARG, False)))
 
 
 class TunedKernel(Autotuner):
@@ -386,20 +387,20 @@ class TunedKernel(Autotuner):
     launch hooks (the sweep records launches through them) and autotunes.
     """
 
-    def __init__(self, fn, configs: list, key: list, name: str, key_args: KeyArgs, outputs: tuple[str, ...],
+    def __init__(self, fn, configs: list, key: list, name: str, dtype_of: str, outputs: tuple[str, ...],
                  prune: Optional[Callable] = None):
         if name not in TUNABLE:
             raise ValueError(f"TunedKernel: name must be one of {sorted(TUNABLE)}; got {name!r}")
         super().__init__(fn, fn.arg_names, configs, key, None, None,
                          prune_configs_by={"early_config_prune": prune} if prune is not None else None)
         self.tuning_name = name
-        self.key_args = key_args
+        self.dtype_of = dtype_of  # the tensor argument whose dtype keys the tables
         self.outputs = outputs  # arguments the kernel writes (what a sweep validates)
 
     def tuning_key(self, args: tuple, kwargs: dict) -> TuningKey:
         bound = dict(zip(self.arg_names, args))
         bound.update(kwargs)
-        return self.key_args.key(self.tuning_name, bound)
+        return tuning_key(self.tuning_name, self.dtype_of, bound)
 
     def candidates(self, args: tuple, kwargs: dict) -> list:
         """The configs this launch autotunes over: ``configs`` after the prune hook (if any)."""
@@ -415,11 +416,11 @@ class TunedKernel(Autotuner):
         return super().run(*args, **kwargs)
 
 
-def autotune(configs: list, key: list, name: str, key_args: KeyArgs, outputs: tuple[str, ...],
+def autotune(configs: list, key: list, name: str, dtype_of: str, outputs: tuple[str, ...],
              prune: Optional[Callable] = None):
     """Decorator: ``triton.autotune(configs, key, prune_configs_by={"early_config_prune": prune})``
     that consults the tuning tables (``TunedKernel``); a table's entry wins over the pruned list."""
-    return lambda fn: TunedKernel(fn, configs, key, name, key_args, outputs, prune)
+    return lambda fn: TunedKernel(fn, configs, key, name, dtype_of, outputs, prune)
 
 
 _SINGLE: dict = {}
@@ -452,7 +453,7 @@ def resolve(kernel: TunedKernel, args: tuple, kwargs: dict):
 
 def run_kernel(kernel, grid, args: tuple, kwargs: dict) -> None:
     """Launch a ``@triton.jit``/autotuned kernel through ``wrap_triton`` (traceable by torch.compile)."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if interpreted():
         # Interpreted kernels are never traced (the ops trace PyTorch code or stay opaque there), and
         # torch 2.11's wrap_triton rejects them: launch directly.
         kernel[grid](*args, **kwargs)

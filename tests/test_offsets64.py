@@ -135,11 +135,11 @@ def test_unfused_drpb_reduction_refuses_what_it_cannot_index(recorded):
 
 def test_unfused_token_numbers_past_int32_are_refused():
     """The unfused row kernels number a batch element's tokens in int32 (meta tensors: no memory)."""
-    from dinat.kernels.unfused.common import geometry3
+    from dinat.kernels.triton_utils import Padded3
     from dinat.kernels.unfused.qk_kernels import window_dot
 
     x = _meta(1, 2**31, 1, 1)
-    geo = geometry3((2**31,), NAParams((3,), (1,), (False,)))
+    geo = Padded3.of((2**31,), NAParams((3,), (1,), (False,)))
     with pytest.raises(ValueError, match="the row kernels number tokens in int32"):
         window_dot(x, x, None, geo, 1.0, True, _meta(1, 2**31, 1, 3))
 

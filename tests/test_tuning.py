@@ -149,8 +149,8 @@ def test_table_drives_unfused_launches_and_resolve_decides_before_wrap_triton(sh
     assert [c["BLOCK_N"] for c in spy.launched["inverse"]] == [256, 256]
     # The launch site hands wrap_triton a one-config kernel on a hit, the tuned autotuner on a miss.
     kernel = qk_kernels._window_dot_kernel
-    hit = tuning.resolve(kernel, (), dict(x_ptr=torch.empty(0), HEAD_DIM=D, L0=1, L1=1, L2=L, K0=1, K1=1, K2=K,
-                                          dil0=1, dil1=1, dil2=DIL, CAUSAL0=False, CAUSAL1=False, CAUSAL2=False,
+    hit = tuning.resolve(kernel, (), dict(x_ptr=torch.empty(0), head_dim=D, L0=1, L1=1, L2=L, K0=1, K1=1, K2=K,
+                                          D0=1, D1=1, D2=DIL, C0=False, C1=False, C2=False,
                                           HAS_RPB=True))
     assert hit is not kernel and [c.kwargs for c in hit.configs] == [{"BLOCK_N": 16}]
     assert hit.fn is kernel.fn

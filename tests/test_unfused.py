@@ -146,8 +146,8 @@ def test_strided_qkv_views_are_read_in_place():
     (want_grad,) = torch.autograd.grad(want.sum(), dense)
     assert torch.equal(out, want) and torch.equal(d_qkv, want_grad)
     # The strides reach the kernel unchanged (no copy): a padded 2-D view keeps its own strides.
-    from dinat.kernels.unfused.common import strides6
-    assert strides6(q) == (q.stride(0), 0, q.stride(1), q.stride(2), q.stride(3), q.stride(4))
+    from dinat.kernels.triton_utils import Padded3
+    assert Padded3.of(q.shape[1:-2], check_params((8, 8), 3)).strides(q) == (q.stride(0), 0, q.stride(1), q.stride(2), q.stride(3), q.stride(4))
 
 
 def test_float64_is_rejected_with_the_dtype_rule():

@@ -12,8 +12,6 @@ kernel with masks, so small and non-power-of-two head dims work without copies),
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..geometry import NAParams
@@ -28,6 +26,7 @@ MAX_HEADS = MAX_GRID_Y
 
 try:
     from . import ops as _ops
+    from ..triton_utils import interpreted as _interpreted
     _IMPORT_ERROR = None
 except ImportError as exc:  # no triton on this machine
     _ops = None
@@ -41,7 +40,7 @@ def unavailable_reason(device: torch.device) -> str | None:
     if device.type == "cuda":
         return None
     if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        if _interpreted():
             return None
         return "Triton runs on CPU tensors only under the interpreter (set TRITON_INTERPRET=1 before importing triton)"
     return f"Triton kernels need a CUDA device, got {device.type}"

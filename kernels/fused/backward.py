@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ..triton_geometry import int64_strides, subgrid_window_start
+from ..triton_utils import LOG2E
 from . import config
 from ._tiles import (batch_head, group_length, halo_offsets, halo_rows, halo_steps, in_range, key_tile_axis, mma,
                      mma_add, query_tile_axis, query_window, rpb_load, rpb_steps, signed, split_program, tile_steps,
@@ -93,7 +94,7 @@ def _na_bwd_dq_kernel(
               + (ip2 * D2 + g2) * sdo2)
     do = tl.load((do_ptr + do_off)[:, None] + (dim * sdod)[None, :], mask=qd_mask, other=0.0)
     l_off = b * slb + h * slh + (ip0 * D0 + g0) * sl0 + (ip1 * D1 + g1) * sl1 + (ip2 * D2 + g2) * sl2
-    lse2 = tl.load(lse_ptr + l_off, mask=q_valid, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(lse_ptr + l_off, mask=q_valid, other=0.0) * LOG2E
     # d(loss)/d(logit) = P * (dP - delta); an incoming dLSE adds P * dLSE, i.e. lowers delta.
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     if HAS_DLSE:
@@ -126,7 +127,7 @@ def _na_bwd_dq_kernel(
         query_entry = walk_entry(lo0, lo1, lo2, FLAT0, FLAT1, P1, P2)
         ds_slots = tl.zeros([T0 * T1 * T2, BLOCK_S], tl.float32)
 
-    qk_scale = scale * 1.4426950408889634  # base-2 softmax
+    qk_scale = scale * LOG2E  # base-2 softmax
     inv_scale = 1.0 / scale
     dq = tl.zeros([T0 * T1 * T2, BLOCK_D], tl.float32)
     for start in range(0, walk_length(n0, n1, n2, P1, P2), BLOCK_K):
@@ -316,7 +317,7 @@ def _na_bwd_dkdv_kernel(
     rpb_row = rpb_ptr + h * R
     rpb_k = rpb_steps(v0 + K0 - 1, v1 + K1 - 1, v2 + K2 - 1, K1, K2)
 
-    qk_scale = scale * 1.4426950408889634  # base-2 softmax
+    qk_scale = scale * LOG2E  # base-2 softmax
     inv_scale = 1.0 / scale
     dk = tl.zeros([T0 * T1 * T2, BLOCK_D], tl.float32)
     dv = tl.zeros([T0 * T1 * T2, BLOCK_D], tl.float32)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import triton
 
 from .. import tuning
+from ..triton_utils import interpreted
 
 # What the autotuner's cache is keyed on: what changes the best block (head size, window, tile).
 # Map sizes and dilations are left out on purpose: they change the amount of work, not its shape,
@@ -19,10 +19,6 @@ AUTOTUNE_KEY = ["head_dim", "K0", "K1", "K2", "C0", "C1", "C2", "T0", "T1", "T2"
 TILE_TOKENS = 64
 # tl.dot needs every dimension >= 16 on a GPU.
 MIN_DOT = 16
-
-
-def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # Autotune candidates of the fused kernels: (halo block, warps, pipeline stages). 128-entry blocks
@@ -103,12 +99,6 @@ def pruner(tuning_name: str, block_name: str):
     return early_config_prune
 
 
-# Where the fused kernels keep the fields of a tuning-table key (see kernels.tuning).
-TUNING_KEY_ARGS = tuning.KeyArgs(dtype_of="q_ptr", head_dim="head_dim", spatial=("L0", "L1", "L2"),
-                                 kernel_size=("K0", "K1", "K2"), dilation=("D0", "D1", "D2"),
-                                 causal=("C0", "C1", "C2"), rpb="HAS_RPB")
-
-
 def autotuned(kernel, block_name: str, tuning_name: str, outputs: tuple[str, ...]):
     """``kernel`` autotuned over its halo block size ``block_name`` (and warps/stages).
 
@@ -118,7 +108,7 @@ def autotuned(kernel, block_name: str, tuning_name: str, outputs: tuple[str, ...
     config always fits.
     """
     return tuning.autotune(configs=_configs(block_name, tuning_name), key=AUTOTUNE_KEY, name=tuning_name,
-                           key_args=TUNING_KEY_ARGS, outputs=outputs,
+                           dtype_of="q_ptr", outputs=outputs,
                            prune=pruner(tuning_name, block_name))(kernel)
 
 

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ..triton_geometry import int64_strides, subgrid_length
+from ..triton_utils import LN2, LOG2E
 from . import config
 from ._tiles import (halo_rows, halo_steps, mma, query_tile_axis, rpb_steps, split_program, tile_steps, walk_length,
                      window_logits)
@@ -73,7 +74,7 @@ def _na_fwd_kernel(
     rpb_row = rpb_ptr + h * R
     rpb_q = rpb_steps(hs0 - ip0 + K0 - 1, hs1 - ip1 + K1 - 1, hs2 - ip2 + K2 - 1, K1, K2)
 
-    qk_scale = scale * 1.4426950408889634  # base-2 softmax
+    qk_scale = scale * LOG2E  # base-2 softmax
     inv_scale = 1.0 / scale
     m_i = tl.full([T0 * T1 * T2], -1.0e30, tl.float32)
     l_i = tl.zeros([T0 * T1 * T2], tl.float32)
@@ -98,7 +99,7 @@ def _na_fwd_kernel(
     o_off = b * sob + h * soh + (ip0 * D0 + g0) * so0 + (ip1 * D1 + g1) * so1 + (ip2 * D2 + g2) * so2
     tl.store((o_ptr + o_off)[:, None] + (dim * sod)[None, :], out.to(o_ptr.dtype.element_ty),
              mask=q_valid[:, None] & d_valid[None, :])
-    lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
+    lse = (m_i + tl.log2(l_safe)) * LN2
     l_off = b * slb + h * slh + (ip0 * D0 + g0) * sl0 + (ip1 * D1 + g1) * sl1 + (ip2 * D2 + g2) * sl2
     tl.store(lse_ptr + l_off, lse, mask=q_valid)
 

@@ -23,43 +23,31 @@ from torch.utils.flop_counter import register_flop_formula
 from .. import reference
 from ..offsets import batch_slices, int64_offsets
 from ..tuning import launch
-from ..geometry import NAParams
+from ..triton_utils import Padded3, interpreted, na_params, use_triton
 from . import config
 from .backward import na_bwd_dkdv_kernel, na_bwd_dq_kernel
 from .forward import na_fwd_kernel
 
+
 class _Problem:
-    """A [B, *spatial, H, D] problem padded to 3 axes (leading axes: size 1, kernel 1, stride 0)."""
+    """A [B, *spatial, H, D] problem padded to 3 axes (``geo``), with the fused kernels' tiling."""
 
     def __init__(self, query: torch.Tensor, kernel_size, dilation, is_causal):
-        self.ndim = query.dim() - 3
-        pad = 3 - self.ndim
+        self.geo = geo = Padded3.of(query.shape[1:-2], na_params(kernel_size, dilation, is_causal))
         self.batch, self.heads, self.head_dim = query.shape[0], query.shape[-2], query.shape[-1]
-        self.spatial = (1,) * pad + tuple(query.shape[1:-2])
-        self.kernel = (1,) * pad + tuple(int(k) for k in kernel_size)
-        self.dilation = (1,) * pad + tuple(int(d) for d in dilation)
-        self.causal = (False,) * pad + tuple(bool(c) for c in is_causal)
         self.block_d = config.block_d(self.head_dim)
         tokens = config.tile_tokens(self.block_d, query.element_size())
-        self.tile = config.tile_shape(self.spatial, self.dilation, self.ndim, tokens)
-        self.num_tiles = config.num_tiles(self.spatial, self.dilation, self.tile)
+        self.tile = config.tile_shape(geo.spatial, geo.dilation, geo.ndim, tokens)
+        self.num_tiles = config.num_tiles(geo.spatial, geo.dilation, self.tile)
         self.ieee = query.dtype == torch.float32
-        self.query_pitch = config.query_halo_pitch(self.spatial, self.dilation, self.kernel, self.tile)
-        self.key_pitch = config.key_halo_pitch(self.spatial, self.dilation, self.kernel, self.causal, self.tile)
+        self.query_pitch = config.query_halo_pitch(geo.spatial, geo.dilation, geo.kernel_size, self.tile)
+        self.key_pitch = config.key_halo_pitch(geo.spatial, geo.dilation, geo.kernel_size, geo.is_causal, self.tile)
 
-    def strides(self, x: torch.Tensor) -> tuple[int, ...]:
-        """(batch, axis0, axis1, axis2, [heads, dim]) strides of a heads-last tensor, 0 on padding."""
-        s = x.stride()
-        return (s[0], *((0,) * (3 - self.ndim)), *s[1:])
-
-    def shape_args(self, scale: float) -> tuple:
-        return (*self.spatial, *self.dilation, self.heads, self.head_dim, scale)
-
-    def meta(self, has_rpb: bool, pitch: tuple[int, int], int64: bool) -> dict:
-        k0, k1, k2 = self.kernel
-        c0, c1, c2 = self.causal
+    def meta(self, has_rpb: bool, pitch: tuple[int, int], int64: bool, scale: float) -> dict:
+        """The keyword arguments every fused kernel takes besides its tensors and their strides."""
         t0, t1, t2 = self.tile
-        return dict(K0=k0, K1=k1, K2=k2, C0=c0, C1=c1, C2=c2, T0=t0, T1=t1, T2=t2, P1=pitch[0], P2=pitch[1],
+        return dict(**self.geo.shape_args(), H=self.heads, head_dim=self.head_dim, scale=scale,
+                    T0=t0, T1=t1, T2=t2, P1=pitch[0], P2=pitch[1],
                     HAS_RPB=has_rpb, BLOCK_D=self.block_d, IEEE=self.ieee, INT64_OFFSETS=int64)
 
     def batch_slices(self, *tensors: torch.Tensor) -> list[tuple[int, tuple]]:
@@ -79,9 +67,9 @@ class _DrpbLayout:
     """
 
     def __init__(self, p: _Problem):
-        k0, k1, k2 = p.kernel
+        k0, k1, k2 = p.geo.kernel_size
         _, t1, t2 = p.tile
-        self.rel = tuple(2 * k - 1 for k in p.kernel)
+        self.rel = tuple(2 * k - 1 for k in p.geo.kernel_size)
         pitch1, pitch2 = triton.next_power_of_2(k1), triton.next_power_of_2(k2)
         by_axes = p.tile[0] == 1 and k0 == 1 and t1 * pitch1 >= config.MIN_DOT and t2 * pitch2 >= config.MIN_DOT
         # 1-D/2-D: power-of-two slots, which the kernel fills by window class (``backward.fold_block``).
@@ -98,19 +86,11 @@ class _DrpbLayout:
         return grid[..., :r1, :r2]
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    return x.device.type == "cuda" or (x.device.type == "cpu" and config.interpreted())
-
-
-def _params(kernel_size, dilation, is_causal) -> NAParams:
-    return NAParams(tuple(kernel_size), tuple(dilation), tuple(bool(c) for c in is_causal))
-
-
 def _register(name: str, fake):
     """``triton_op`` normally; an opaque ``custom_op`` + ``fake`` under the interpreter."""
 
     def wrap(fn):
-        if not config.interpreted():
+        if not interpreted():
             return triton_op(name, mutates_args=())(fn)
         op = torch.library.custom_op(name, mutates_args=())(fn)
         op.register_fake(fake)
@@ -137,19 +117,18 @@ def _bwd_fake(grad_out, grad_lse, query, key, value, rpb, out, lse, kernel_size,
 def na_fused_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rpb: Optional[torch.Tensor],
                  kernel_size: List[int], dilation: List[int], is_causal: List[bool],
                  scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    if not _use_triton(query):
-        return reference.na(query, key, value, _params(kernel_size, dilation, is_causal), rpb, scale, True)
+    if not use_triton(query):
+        return reference.na(query, key, value, na_params(kernel_size, dilation, is_causal), rpb, scale, True)
     p = _Problem(query, kernel_size, dilation, is_causal)
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     lse = torch.empty(query.shape[:-1], dtype=torch.float32, device=query.device)
     has_rpb = rpb is not None
     rpb_arg = rpb.contiguous() if has_rpb else lse  # never read without an RPB
-    meta = p.meta(has_rpb, p.query_pitch, int64_offsets(query, key, value, out, lse))
+    strides = p.geo.stride_args(q=query, k=key, v=value, o=out, l=lse)
+    meta = p.meta(has_rpb, p.query_pitch, int64_offsets(query, key, value, out, lse), scale)
     for batch, (q_b, k_b, v_b, out_b, lse_b) in p.batch_slices(query, key, value, out, lse):
-        launch(na_fwd_kernel, (p.num_tiles, batch * p.heads), (
-            q_b, k_b, v_b, rpb_arg, out_b, lse_b,
-            *p.strides(query), *p.strides(key), *p.strides(value), *p.strides(out), *p.strides(lse),
-            *p.shape_args(scale)), meta)
+        launch(na_fwd_kernel, (p.num_tiles, batch * p.heads), (), dict(
+            q_ptr=q_b, k_ptr=k_b, v_ptr=v_b, rpb_ptr=rpb_arg, o_ptr=out_b, lse_ptr=lse_b, **strides, **meta))
     return out, lse
 
 
@@ -159,7 +138,7 @@ def na_fused_bwd(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], query
                  kernel_size: List[int], dilation: List[int], is_causal: List[bool],
                  scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of (out, lse) w.r.t. (query, key, value, rpb); drpb is empty without an RPB."""
-    if not _use_triton(query):
+    if not use_triton(query):
         return _reference_bwd(grad_out, grad_lse, query, key, value, rpb, kernel_size, dilation, is_causal, scale)
     p = _Problem(query, kernel_size, dilation, is_causal)
     has_rpb = rpb is not None
@@ -173,22 +152,21 @@ def na_fused_bwd(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], query
     has_dlse = grad_lse is not None
     dlse_arg = grad_lse.contiguous() if has_dlse else lse
     int64 = int64_offsets(query, key, value, out, grad_out, dq, dk, dv, lse, dlse_arg, stats)
+    # dq/dk/dv (``sg*``) are contiguous like the query; lse and dlse (and stats, at twice the offset) share ``sl*``.
+    dq_strides = p.geo.stride_args(q=query, k=key, v=value, o=out, do=grad_out, g=dq, l=lse)
+    dkdv_strides = p.geo.stride_args(q=query, k=key, v=value, g=dk, do=grad_out, l=lse)
     partials = []
     for batch, (q_b, k_b, v_b, out_b, do_b, lse_b, dlse_b, dq_b, stats_b, dk_b, dv_b) in p.batch_slices(
             query, key, value, out, grad_out, lse, dlse_arg, dq, stats, dk, dv):
         partial = torch.zeros((p.num_tiles, batch, p.heads, drpb_layout.row) if has_rpb else (1,),
                               dtype=torch.float32, device=query.device)
         partials.append(partial)
-        launch(na_bwd_dq_kernel, (p.num_tiles, batch * p.heads), (
-            q_b, k_b, v_b, rpb_arg, out_b, do_b, lse_b, dlse_b, dq_b, stats_b, partial,
-            *p.strides(query), *p.strides(key), *p.strides(value), *p.strides(out), *p.strides(grad_out),
-            *p.strides(dq), *p.strides(lse),
-            *p.shape_args(scale)), dict(HAS_DLSE=has_dlse, **drpb_layout.meta, **p.meta(has_rpb, p.query_pitch, int64)))
-        launch(na_bwd_dkdv_kernel, (p.num_tiles, batch * p.heads), (
-            q_b, k_b, v_b, rpb_arg, do_b, stats_b, dk_b, dv_b,
-            *p.strides(query), *p.strides(key), *p.strides(value), *p.strides(dk), *p.strides(grad_out),
-            *p.strides(lse),
-            *p.shape_args(scale)), p.meta(has_rpb, p.key_pitch, int64))
+        tensors = dict(q_ptr=q_b, k_ptr=k_b, v_ptr=v_b, rpb_ptr=rpb_arg, do_ptr=do_b, stats_ptr=stats_b)
+        launch(na_bwd_dq_kernel, (p.num_tiles, batch * p.heads), (), dict(
+            **tensors, o_ptr=out_b, lse_ptr=lse_b, dlse_ptr=dlse_b, dq_ptr=dq_b, drpb_ptr=partial,
+            **dq_strides, HAS_DLSE=has_dlse, **drpb_layout.meta, **p.meta(has_rpb, p.query_pitch, int64, scale)))
+        launch(na_bwd_dkdv_kernel, (p.num_tiles, batch * p.heads), (), dict(
+            **tensors, dk_ptr=dk_b, dv_ptr=dv_b, **dkdv_strides, **p.meta(has_rpb, p.key_pitch, int64, scale)))
     if has_rpb:
         # Fixed-order sum over (tile, batch), then over launches: deterministic, unlike atomics.
         rows = partials[0].sum(dim=(0, 1))
@@ -206,7 +184,7 @@ def _reference_bwd(grad_out, grad_lse, query, key, value, rpb, kernel_size, dila
     ``torch.func.vjp`` rather than ``torch.autograd.grad``: a custom op's body runs below the
     autograd dispatch key, where plain autograd records nothing.
     """
-    params = _params(kernel_size, dilation, is_causal)
+    params = na_params(kernel_size, dilation, is_causal)
     inputs = (query, key, value) + ((rpb,) if rpb is not None else ())
 
     def forward(q, k, v, *bias):

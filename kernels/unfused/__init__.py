@@ -17,7 +17,7 @@ from ..offsets import heads_limit_reason
 
 try:
     from . import ops as _ops
-    from .common import interpreter_enabled as _interpreter_enabled
+    from ..triton_utils import interpreted as _interpreted
     _IMPORT_ERROR = None
 except ImportError as exc:  # triton (or a torch new enough for triton_op) is missing
     _ops = None
@@ -33,7 +33,7 @@ def unavailable_reason(device: torch.device) -> str | None:
     if device.type == "cuda":
         return None
     if device.type == "cpu":
-        if _interpreter_enabled():
+        if _interpreted():
             return None
         return "on CPU it needs the Triton interpreter (set TRITON_INTERPRET=1 before importing triton)"
     return f"it runs on CUDA (or on CPU under TRITON_INTERPRET=1), not on {device.type}"

@@ -1,17 +1,11 @@
-"""Host-side helpers shared by the unfused kernels: 3-D padding of the geometry, strides, configs, launch.
+"""Host-side helpers shared by the unfused kernels: kernel arguments, configs, launch.
 
-Every kernel is written once for three spatial axes. A 1-D or 2-D problem is run as a 3-D one whose
-leading axes have length 1, kernel size 1 and dilation 1: with ``k = 1`` the window rule of
-``kernels.triton_geometry`` gives every such axis the single slot ``j = i = 0``, so the padded axes
-change neither the neighbour order (row-major, axis 0 slowest) nor the RPB index.
+Every kernel is written once for three spatial axes: problems arrive padded (``triton_utils.Padded3``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-import os
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -19,79 +13,11 @@ import triton
 from .. import tuning
 from ..offsets import INT32_MAX, batch_slices, element_span, int64_offsets
 from ..tuning import launch
-from ..geometry import NAParams
+from ..triton_utils import Padded3, interpreted
 
 # Head-dim lanes handled per step; larger head dims loop over chunks of this many lanes (the
 # padded lanes of the last chunk are masked), so the register tile never exceeds BLOCK_N x 64.
-MAX_BLOCK_D = 64
-
-
-def _interpret_env() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-# ``triton.jit`` picks the interpreter when a kernel is defined, i.e. when this package is imported.
-_INTERPRETED_KERNELS = _interpret_env()
-
-
-def interpreter_enabled() -> bool:
-    """Whether this package's kernels run through Triton's CPU interpreter.
-
-    True only if ``TRITON_INTERPRET=1`` was set when the kernels were defined and still is.
-    """
-    return _INTERPRETED_KERNELS and _interpret_env()
-
-
-@dataclass(frozen=True)
-class Geometry3:
-    """An NA problem padded to three spatial axes (padded axes first)."""
-
-    spatial: tuple[int, int, int]
-    kernel_size: tuple[int, int, int]
-    dilation: tuple[int, int, int]
-    is_causal: tuple[bool, bool, bool]
-    ndim: int  # the real number of spatial axes
-
-    @property
-    def num_tokens(self) -> int:
-        return math.prod(self.spatial)
-
-    @property
-    def num_slots(self) -> int:
-        return math.prod(self.kernel_size)
-
-    @property
-    def rpb_bins(self) -> int:
-        return math.prod(2 * k - 1 for k in self.kernel_size)
-
-    def kernel_args(self) -> dict:
-        """Keyword arguments every kernel takes, in their kernel names."""
-        (l0, l1, l2), (k0, k1, k2) = self.spatial, self.kernel_size
-        (d0, d1, d2), (c0, c1, c2) = self.dilation, self.is_causal
-        return dict(L0=l0, L1=l1, L2=l2, dil0=d0, dil1=d1, dil2=d2,
-                    K0=k0, K1=k1, K2=k2, CAUSAL0=c0, CAUSAL1=c1, CAUSAL2=c2)
-
-
-def geometry3(spatial, params: NAParams) -> Geometry3:
-    pad = 3 - len(spatial)
-    return Geometry3(
-        spatial=(1,) * pad + tuple(int(s) for s in spatial),
-        kernel_size=(1,) * pad + tuple(params.kernel_size),
-        dilation=(1,) * pad + tuple(params.dilation),
-        is_causal=(False,) * pad + tuple(params.is_causal),
-        ndim=len(spatial),
-    )
-
-
-def strides6(x: torch.Tensor) -> tuple[int, int, int, int, int, int]:
-    """Strides ``(batch, axis0, axis1, axis2, heads, last)`` of a ``[B, *spatial, H, X]`` tensor.
-
-    Padded spatial axes get stride 0 (their only index is 0). Any strides work, so views such as
-    ``qkv.unbind(-3)`` and expanded gradients are read in place, without a copy.
-    """
-    s = x.stride()
-    spatial = s[1:-2]
-    return (s[0], *((0,) * (3 - len(spatial))), *spatial, s[-2], s[-1])
+MAX_CHUNK_D = 64
 
 
 def require_int32_span(x: torch.Tensor) -> None:
@@ -105,8 +31,10 @@ def require_int32_span(x: torch.Tensor) -> None:
         )
 
 
-def block_d(head_dim: int) -> int:
-    return min(triton.next_power_of_2(head_dim), MAX_BLOCK_D)
+def head_dim_chunk(head_dim: int) -> int:
+    """``CHUNK_D``: head-dim lanes a row kernel handles per step (the fused kernels' ``BLOCK_D``, by
+    contrast, covers the whole padded head dim)."""
+    return min(triton.next_power_of_2(head_dim), MAX_CHUNK_D)
 
 
 # The largest row tile of ``row_configs``.
@@ -119,25 +47,22 @@ def row_configs() -> list[triton.Config]:
     The tile size only changes how work is split, never the order of any sum, so every config
     gives bit-identical results. The interpreter gets one large tile (fewer Python-level programs).
     """
-    if _INTERPRETED_KERNELS:
+    if interpreted():
         return [triton.Config({"BLOCK_N": MAX_BLOCK_N}, num_warps=4)]
     return [triton.Config({"BLOCK_N": bn}, num_warps=w) for bn in (32, 64, 128) for w in (4, 8)]
 
 
 # What the row kernels' autotuners are keyed on (the tile splits rows; the window sets the work per row).
-AUTOTUNE_KEY = ["N", "HEAD_DIM", "K0", "K1", "K2"]
+AUTOTUNE_KEY = ["N", "head_dim", "K0", "K1", "K2"]
 
 
-def tuned(name: str, dtype_of: str, has_rpb_arg: bool):
+def tuned(name: str, dtype_of: str):
     """``triton.autotune`` over ``row_configs()`` that asks the tuning tables first (``kernels.tuning``).
 
-    ``dtype_of`` names the tensor argument whose dtype keys the table; ``has_rpb_arg`` whether the
-    kernel takes a ``HAS_RPB`` flag. Every row kernel writes only ``out_ptr``.
+    ``dtype_of`` names the tensor argument whose dtype keys the table. Every row kernel writes only
+    ``out_ptr``.
     """
-    key_args = tuning.KeyArgs(dtype_of=dtype_of, head_dim="HEAD_DIM", spatial=("L0", "L1", "L2"),
-                              kernel_size=("K0", "K1", "K2"), dilation=("dil0", "dil1", "dil2"),
-                              causal=("CAUSAL0", "CAUSAL1", "CAUSAL2"), rpb="HAS_RPB" if has_rpb_arg else None)
-    return tuning.autotune(configs=row_configs(), key=AUTOTUNE_KEY, name=name, key_args=key_args, outputs=("out_ptr",))
+    return tuning.autotune(configs=row_configs(), key=AUTOTUNE_KEY, name=name, dtype_of=dtype_of, outputs=("out_ptr",))
 
 
 def on_device_of(x: torch.Tensor):
@@ -147,15 +72,15 @@ def on_device_of(x: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def launch_rows(kernel, make_args, batched: tuple, rows: torch.Tensor, out: torch.Tensor, geo: Geometry3,
+def launch_rows(kernel, make_args, batched: tuple, rows: torch.Tensor, out: torch.Tensor, geo: Padded3,
                 scale: float, **flags) -> None:
     """Launch a row kernel over its grid ``(cdiv(N, BLOCK_N), batch * heads)``.
 
-    ``make_args(*batched)`` gives the kernel's positional arguments for ``batched``, the
+    ``make_args(*batched)`` gives the kernel's tensor and stride keyword arguments for ``batched``, the
     ``[B, ...]`` tensors it indexes (sliced along the batch when ``batch * heads`` programs exceed
     CUDA's grid axis 1: ``kernels.offsets.batch_slices``); ``rows`` (``[B, *spatial, H, D]``)
     gives heads and head dim; ``out`` is the tensor the kernel writes; ``flags`` are the kernel's
-    own constexprs (passed before ``BLOCK_D``). ``INT64_OFFSETS`` is chosen from all of them.
+    own constexprs (passed before ``CHUNK_D``). ``INT64_OFFSETS`` is chosen from all of them.
     """
     heads, head_dim = rows.shape[-2], rows.shape[-1]
     n = geo.num_tokens
@@ -170,6 +95,6 @@ def launch_rows(kernel, make_args, batched: tuple, rows: torch.Tensor, out: torc
             def grid(meta, batch=batch):
                 return (triton.cdiv(n, meta["BLOCK_N"]), batch * heads)
 
-            launch(kernel, grid, make_args(*part), dict(
-                N=n, heads=heads, scale=float(scale), HEAD_DIM=head_dim, **flags, INT64_OFFSETS=int64,
-                BLOCK_D=block_d(head_dim), **geo.kernel_args()))
+            launch(kernel, grid, (), dict(**make_args(*part),
+                N=n, H=heads, scale=float(scale), head_dim=head_dim, **flags, INT64_OFFSETS=int64,
+                CHUNK_D=head_dim_chunk(head_dim), **geo.shape_args()))

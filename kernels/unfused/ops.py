@@ -19,16 +19,14 @@ import math
 from typing import Optional
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op
 from torch.utils.flop_counter import register_flop_formula
 
 from . import torch_path
 from .av_kernels import inverse_sum, window_sum
-from .common import geometry3, interpreter_enabled
 from .qk_kernels import window_dot
 from .rpb_kernels import rpb_grad
-from ..geometry import NAParams
+from ..triton_utils import Padded3, na_params, use_triton
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -42,19 +40,6 @@ def check_dtype(name: str, x: torch.Tensor) -> None:
         )
 
 
-def _params(kernel_size, dilation, is_causal) -> NAParams:
-    return NAParams(tuple(int(k) for k in kernel_size), tuple(int(d) for d in dilation),
-                    tuple(bool(c) for c in is_causal))
-
-
-def _use_triton(*tensors) -> bool:
-    """Triton on CUDA; on CPU only through the interpreter and only for tensors with data."""
-    x = tensors[0]
-    if x.device.type != "cpu":
-        return True
-    return interpreter_enabled() and not any(t is not None and is_fake(t) for t in tensors)
-
-
 # ---------------------------------------------------------------------------------------------
 # QK (+RPB)
 
@@ -63,21 +48,21 @@ def _use_triton(*tensors) -> bool:
 def na_qk(query: torch.Tensor, key: torch.Tensor, rpb: Optional[torch.Tensor], kernel_size: list[int],
           dilation: list[int], is_causal: list[bool], scale: float, float32_logits: bool) -> torch.Tensor:
     check_dtype("query", query)
-    params = _params(kernel_size, dilation, is_causal)
+    params = na_params(kernel_size, dilation, is_causal)
     out_dtype = torch.float32 if float32_logits else query.dtype
-    if not _use_triton(query, key, rpb):
+    if not use_triton(query, key, rpb):
         return torch_path.qk_forward(query, key, rpb, params, scale, out_dtype)
     out = query.new_empty((*query.shape[:-1], params.num_neighbors), dtype=out_dtype)
-    return window_dot(query, key, rpb, geometry3(query.shape[1:-2], params), scale, True, out)
+    return window_dot(query, key, rpb, Padded3.of(query.shape[1:-2], params), scale, True, out)
 
 
 @triton_op("dinat::na_qk_backward", mutates_args=())
 def na_qk_backward(grad_logits: torch.Tensor, query: torch.Tensor, key: torch.Tensor, kernel_size: list[int],
                    dilation: list[int], is_causal: list[bool], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    params = _params(kernel_size, dilation, is_causal)
-    if not _use_triton(grad_logits, query, key):
+    params = na_params(kernel_size, dilation, is_causal)
+    if not use_triton(grad_logits, query, key):
         return torch_path.qk_backward(grad_logits, query, key, params, scale)
-    geo = geometry3(query.shape[1:-2], params)
+    geo = Padded3.of(query.shape[1:-2], params)
     d_query = window_sum(grad_logits, key, geo, scale, query.new_empty(query.shape))
     d_key = inverse_sum(grad_logits, query, geo, scale, key.new_empty(key.shape))
     return d_query, d_key
@@ -86,10 +71,10 @@ def na_qk_backward(grad_logits: torch.Tensor, query: torch.Tensor, key: torch.Te
 @triton_op("dinat::na_rpb_backward", mutates_args=())
 def na_rpb_backward(grad_logits: torch.Tensor, kernel_size: list[int], dilation: list[int],
                     is_causal: list[bool]) -> torch.Tensor:
-    params = _params(kernel_size, dilation, is_causal)
-    if not _use_triton(grad_logits):
+    params = na_params(kernel_size, dilation, is_causal)
+    if not use_triton(grad_logits):
         return torch_path.rpb_backward(grad_logits, params)
-    return rpb_grad(grad_logits, geometry3(grad_logits.shape[1:-2], params))
+    return rpb_grad(grad_logits, Padded3.of(grad_logits.shape[1:-2], params))
 
 
 def _qk_setup_context(ctx, inputs, output):
@@ -122,19 +107,19 @@ def na_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: list[int], dilat
           is_causal: list[bool]) -> torch.Tensor:
     check_dtype("value", value)
     check_dtype("attn", attn)
-    params = _params(kernel_size, dilation, is_causal)
-    if not _use_triton(attn, value):
+    params = na_params(kernel_size, dilation, is_causal)
+    if not use_triton(attn, value):
         return torch_path.av_forward(attn, value, params)
-    return window_sum(attn, value, geometry3(value.shape[1:-2], params), 1.0, value.new_empty(value.shape))
+    return window_sum(attn, value, Padded3.of(value.shape[1:-2], params), 1.0, value.new_empty(value.shape))
 
 
 @triton_op("dinat::na_av_backward", mutates_args=())
 def na_av_backward(grad_out: torch.Tensor, attn: torch.Tensor, value: torch.Tensor, kernel_size: list[int],
                    dilation: list[int], is_causal: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
-    params = _params(kernel_size, dilation, is_causal)
-    if not _use_triton(grad_out, attn, value):
+    params = na_params(kernel_size, dilation, is_causal)
+    if not use_triton(grad_out, attn, value):
         return torch_path.av_backward(grad_out, attn, value, params)
-    geo = geometry3(value.shape[1:-2], params)
+    geo = Padded3.of(value.shape[1:-2], params)
     d_attn = window_dot(grad_out, value, None, geo, 1.0, False, attn.new_empty(attn.shape))
     d_value = inverse_sum(attn, grad_out, geo, 1.0, value.new_empty(value.shape))
     return d_attn, d_value

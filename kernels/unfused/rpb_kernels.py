@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from ..tuning import run_kernel
-from .common import Geometry3, on_device_of, require_int32_span, strides6
+from ..triton_utils import Padded3
+from .common import on_device_of, require_int32_span
 
 # Fixed tiles (never autotuned): they fix the order in which every bin is summed.
 BATCH_LANES = 32  # batch elements per program (one accumulator row each)
@@ -75,11 +76,11 @@ def axis_piece(s, length, KERNEL: tl.constexpr, dilation, CAUSAL: tl.constexpr,
 @triton.jit
 def _rpb_grad_kernel(
     g_ptr, partial_ptr,
-    g_sb, g_s0, g_s1, g_s2, g_sh, g_sk,
-    L0, L1, L2, dil0, dil1, dil2, batch, heads,
+    sgb, sg0, sg1, sg2, sgh, sgd,
+    L0, L1, L2, D0, D1, D2, batch, H,
     NB0, NB1, NB2, NI0, NI1, NI2, PB0, PB1, PB2, PI0, PI1, PI2,
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
-    CAUSAL0: tl.constexpr, CAUSAL1: tl.constexpr, CAUSAL2: tl.constexpr,
+    C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Slot sums of one box, one head and ``BLOCK_B`` batch elements, written to their bins.
@@ -94,27 +95,27 @@ def _rpb_grad_kernel(
     # Which box (once per program: the only divisions by runtime values).
     box = tl.program_id(0)
     pid = tl.program_id(1)
-    h = pid % heads
-    batch_block = pid // heads
+    h = pid % H
+    batch_block = pid // H
     pieces2 = (K2 - 1) * NB2 + NI2
     pieces1 = (K1 - 1) * NB1 + NI1
     # Axes of one token (the padding of 1-D/2-D problems) are specialised away.
     lo0, hi0, o0 = 0, 1, 0
     if K0 > 1:
-        lo0, hi0, o0 = axis_piece(box // (pieces1 * pieces2), L0, K0, dil0, CAUSAL0, NB0, NI0, PB0, PI0)
+        lo0, hi0, o0 = axis_piece(box // (pieces1 * pieces2), L0, K0, D0, C0, NB0, NI0, PB0, PI0)
     lo1, hi1, o1 = 0, 1, 0
     if K1 > 1:
-        lo1, hi1, o1 = axis_piece((box // pieces2) % pieces1, L1, K1, dil1, CAUSAL1, NB1, NI1, PB1, PI1)
-    lo2, hi2, o2 = axis_piece(box % pieces2, L2, K2, dil2, CAUSAL2, NB2, NI2, PB2, PI2)
+        lo1, hi1, o1 = axis_piece((box // pieces2) % pieces1, L1, K1, D1, C1, NB1, NI1, PB1, PI1)
+    lo2, hi2, o2 = axis_piece(box % pieces2, L2, K2, D2, C2, NB2, NI2, PB2, PI2)
     # Lanes: BLOCK_B batch elements x BLOCK_X consecutive tokens of the last axis.
     lane = tl.arange(0, BLOCK_B * BLOCK_X)
     if BLOCK_X == 1:
         b = batch_block * BLOCK_B + lane
-        lane_ptr = g_ptr + b.to(tl.int64) * g_sb + h.to(tl.int64) * g_sh
+        lane_ptr = g_ptr + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh
     else:
         b = batch_block * BLOCK_B + lane // BLOCK_X
         x = lane % BLOCK_X
-        lane_ptr = g_ptr + b.to(tl.int64) * g_sb + h.to(tl.int64) * g_sh + x * g_s2
+        lane_ptr = g_ptr + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + x * sg2
     out_row = partial_ptr + (box.to(tl.int64) * tl.num_programs(1) + pid) * NUM_BINS
     for t_begin in range(0, NUM_SLOTS, BLOCK_T):  # one trip unless the window has over BLOCK_T slots
         t = t_begin + tl.arange(0, BLOCK_T)
@@ -124,24 +125,24 @@ def _rpb_grad_kernel(
         # Slots the box's queries use: all but, on a causal axis, those past the query itself
         # (slot t_a holds key start' + t_a <= i' iff t_a <= k - 1 - o_a: the same for the whole box).
         used = t < NUM_SLOTS
-        if CAUSAL0:
+        if C0:
             used = used & (t0 <= K0 - 1 - o0)
-        if CAUSAL1:
+        if C1:
             used = used & (t1 <= K1 - 1 - o1)
-        if CAUSAL2:
+        if C2:
             used = used & (t2 <= K2 - 1 - o2)
         mask = (b < batch)[:, None] & used[None, :]  # loop-invariant
-        tile = lane_ptr[:, None] + (t * g_sk)[None, :]  # the box's rows are this tile plus one offset each
+        tile = lane_ptr[:, None] + (t * sgd)[None, :]  # the box's rows are this tile plus one offset each
         acc = tl.zeros([BLOCK_B * BLOCK_X, BLOCK_T], dtype=tl.float32)
         for i0 in range(lo0, hi0):
             for i1 in range(lo1, hi1):
-                row = i0 * g_s0 + i1 * g_s1
+                row = i0 * sg0 + i1 * sg1
                 for i2 in range(lo2, hi2, BLOCK_X):
                     if BLOCK_X == 1:
                         step_mask = mask
                     else:
                         step_mask = mask & (i2 + x < hi2)[:, None]
-                    acc += tl.load(tile + (row + i2 * g_s2), mask=step_mask, other=0.0).to(tl.float32)
+                    acc += tl.load(tile + (row + i2 * sg2), mask=step_mask, other=0.0).to(tl.float32)
         # Slot t's bin: the class plus the slot, per axis.
         bin = ((o0 + t0) * R1 + (o1 + t1)) * R2 + (o2 + t2)
         tl.store(out_row + bin, tl.sum(acc, axis=0), mask=t < NUM_SLOTS)
@@ -154,7 +155,7 @@ def _axis_tiling(length: int, kernel: int, dilation: int, max_piece: int) -> tup
     return border_pieces, interior_pieces, triton.cdiv(dilation, border_pieces), triton.cdiv(interior, interior_pieces)
 
 
-def rpb_grad(grad_logits: torch.Tensor, geo: Geometry3) -> torch.Tensor:
+def rpb_grad(grad_logits: torch.Tensor, geo: Padded3) -> torch.Tensor:
     """dRPB ``[H, *(2k-1)]`` in float32 from the logits gradient ``[B, *spatial, H, K]``.
 
     Programs write partials ``[boxes x batch blocks, H, bins]`` (see the module doc), which are
@@ -174,11 +175,11 @@ def rpb_grad(grad_logits: torch.Tensor, geo: Geometry3) -> torch.Tensor:
         boxes *= (k - 1) * border_pieces + interior_pieces
     batch_blocks = triton.cdiv(batch, BATCH_LANES)
     partial = torch.zeros((boxes * batch_blocks, heads, geo.rpb_bins), dtype=torch.float32, device=grad_logits.device)
-    args = dict(batch=batch, heads=heads, BLOCK_B=BATCH_LANES, BLOCK_X=block_x, BLOCK_T=block_t, **geo.kernel_args())
+    args = dict(batch=batch, H=heads, BLOCK_B=BATCH_LANES, BLOCK_X=block_x, BLOCK_T=block_t, **geo.shape_args())
     for name, column in zip(("NB", "NI", "PB", "PI"), zip(*tiling)):
         args.update({f"{name}{axis}": value for axis, value in enumerate(column)})
     require_int32_span(grad_logits)  # offsets inside a batch element are int32 here
     with on_device_of(partial):
-        run_kernel(_rpb_grad_kernel, (boxes, heads * batch_blocks), (grad_logits, partial, *strides6(grad_logits)),
-                   args)
+        run_kernel(_rpb_grad_kernel, (boxes, heads * batch_blocks), (),
+                   dict(g_ptr=grad_logits, partial_ptr=partial, **geo.stride_args(g=grad_logits), **args))
     return partial.sum(0).reshape(heads, *bins)
