@@ -23,8 +23,13 @@ import torch
 class NAShape:
     """One NA problem: tensors ``[batch, *spatial, heads, head_dim]`` and its window.
 
-    The tuning sweep's shapes, and (with the launch's dtype, backend and layout added) the kernel
-    audit's ``_audit_launch.Problem``. ``origin`` says where a shape came from (a model name, ``smoke``).
+    The shapes of every benchmark tool: ``na_bench``'s presets, ``gpu_record``'s cases, the tuning
+    sweep's, and (with the launch's dtype, backend and layout added) the kernel audit's
+    ``_audit_launch.Problem``. ``origin`` says where a shape came from (a model name, a preset's
+    group such as ``dinat-t s1``, ``smoke``).
+
+    Two labels, each the one its reports have recorded: ``label`` (sweep, audit: every axis
+    written, no origin) and ``bench_label`` (``na_bench`` and ``gpu_record`` tables: origin first).
     """
 
     batch: int
@@ -45,8 +50,26 @@ class NAShape:
                 f"d{axes(self.dilation)}{causal}{' rpb' if self.rpb else ''}")
 
     @property
+    def bench_label(self) -> str:
+        """``origin`` first, an axis value written once when every axis has it, causal as ``causal``
+        (every axis) or ``causal(TF)`` (per axis): e.g. ``dinat-t s1 56x56 B64 H2 D32 k7 d8 rpb``."""
+        def axes(values):
+            values = tuple(values)
+            return str(values[0]) if len(set(values)) == 1 else "x".join(map(str, values))
+
+        causal = ""
+        if any(self.causal):
+            causal = " causal" + ("" if all(self.causal) else "(" + "".join("TF"[not c] for c in self.causal) + ")")
+        return (f"{self.origin} {'x'.join(map(str, self.spatial))} B{self.batch} H{self.heads} D{self.head_dim} "
+                f"k{axes(self.kernel_size)} d{axes(self.dilation)}{causal}{' rpb' if self.rpb else ''}")
+
+    @property
     def tokens(self) -> int:
         return math.prod(self.spatial)
+
+    def forward_flops(self) -> int:
+        """Useful NA work: q.k and attn.v, 2 FLOPs per multiply-add each, ``4*B*H*N*K*D``."""
+        return 4 * self.batch * self.heads * self.tokens * math.prod(self.kernel_size) * self.head_dim
 
     def to_json(self) -> dict:
         out = asdict(self)

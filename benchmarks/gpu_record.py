@@ -242,29 +242,22 @@ def step_machine(ctx: Context) -> StepResult:
 
 
 def _correctness_cases(smoke: bool) -> list:
-    """(dtype name, na_bench.Shape) pairs: every DiNAT-tiny layer in bf16 and fp16, head dims 64
+    """(dtype name, ``NAShape``) pairs: every DiNAT-tiny layer in bf16 and fp16, head dims 64
     and 128, a 3-D video case causal in time (smoke: float32, tiny 1-D and 3-D shapes)."""
     from benchmarks import na_bench
-    from benchmarks.na_bench import Shape
-
-    if smoke:
-        return [("float32", Shape("smoke", 1, (16,), 1, 16, (3,), (2,), (False,))),
-                ("float32", Shape("smoke video", 1, (2, 3, 3), 1, 16, (2, 3, 3), (1, 1, 1), (True, False, False),
-                                  use_rpb=False))]
-    dinat = na_bench.preset_shapes("dinat-tiny", 8)
-    cases = [("bfloat16", s) for s in dinat] + [("float16", s) for s in dinat]
-    cases += [("bfloat16", Shape("D64", 8, (28, 28), 4, 64, (7, 7), (4, 4), (False, False))),
-              ("bfloat16", Shape("D128", 8, (14, 14), 4, 128, (7, 7), (2, 2), (False, False))),
-              ("bfloat16", Shape("video", 2, (16, 32, 32), 4, 32, (3, 7, 7), (1, 1, 1), (True, False, False),
-                                 use_rpb=False))]
-    return cases
-
-
-def _sweep_shape(shape):
     from benchmarks._common import NAShape
 
-    return NAShape(shape.batch, tuple(shape.spatial), shape.heads, shape.head_dim, tuple(shape.kernel_size),
-                      tuple(shape.dilation), tuple(shape.is_causal), shape.use_rpb, origin=shape.group)
+    if smoke:
+        return [("float32", NAShape(1, (16,), 1, 16, (3,), (2,), (False,), origin="smoke")),
+                ("float32", NAShape(1, (2, 3, 3), 1, 16, (2, 3, 3), (1, 1, 1), (True, False, False), rpb=False,
+                                    origin="smoke video"))]
+    dinat = na_bench.preset_shapes("dinat-tiny", 8)
+    cases = [("bfloat16", s) for s in dinat] + [("float16", s) for s in dinat]
+    cases += [("bfloat16", NAShape(8, (28, 28), 4, 64, (7, 7), (4, 4), (False, False), origin="D64")),
+              ("bfloat16", NAShape(8, (14, 14), 4, 128, (7, 7), (2, 2), (False, False), origin="D128")),
+              ("bfloat16", NAShape(2, (16, 32, 32), 4, 32, (3, 7, 7), (1, 1, 1), (True, False, False), rpb=False,
+                                   origin="video"))]
+    return cases
 
 
 def _tuned_kernels() -> dict:
@@ -298,14 +291,8 @@ def pinned_table(shape, dtype_name: str, family: str, choice):
         else:
             block, warps, stages = choice
             chosen[name] = tuning.LaunchConfig(((tuning.TUNABLE[name][0], block),), warps, stages)
-    keys = sweep.expected_keys(_sweep_shape(shape), dtype_name, names)
+    keys = sweep.expected_keys(shape, dtype_name, names)
     return tuning.Table("<gpu_record pinned>", "any", (), {key: chosen[key.kernel] for key in keys})
-
-
-def _shape_from_fields(fields: dict):
-    from benchmarks.na_bench import Shape
-
-    return Shape(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 def precompile_job(job: dict) -> tuple[str, float, str, int]:
@@ -314,8 +301,8 @@ def precompile_job(job: dict) -> tuple[str, float, str, int]:
 
     ``job``: label, family ("fused" / "unfused": the NA forward+backward with every tunable kernel
     pinned by ``pinned_table`` to ``job['config']``; "flex": na_bench's compiled FlexAttention-NA
-    forward and forward+backward), dtype, rpb_dtype (None: the q dtype), shapes (na_bench.Shape
-    fields), device (default cuda). Returns (label, seconds, error or "", launches that missed the
+    forward and forward+backward), dtype, rpb_dtype (None: the q dtype), shapes (``NAShape.to_json``
+    dicts), device (default cuda). Returns (label, seconds, error or "", launches that missed the
     pinned table: 0 when the pinning worked)."""
     started = time.perf_counter()
     # One process per core already: no Inductor compile pool of its own in each of them.
@@ -324,6 +311,7 @@ def precompile_job(job: dict) -> tuple[str, float, str, int]:
         import torch
 
         from benchmarks import na_bench
+        from benchmarks._common import NAShape
         from dinat.kernels import tuning
 
         dtype = getattr(torch, job["dtype"])
@@ -332,7 +320,7 @@ def precompile_job(job: dict) -> tuple[str, float, str, int]:
         misses = []
         observe = lambda name, key, config: misses.append(key) if config is None else None  # noqa: E731
         for fields in job["shapes"]:
-            shape = _shape_from_fields(fields)
+            shape = NAShape.from_json(fields)
             q, k, v, rpb, grad = na_bench.make_inputs(shape, device, dtype, rpb_dtype=rpb_dtype)
             if job["family"] == "flex":
                 torch._dynamo.reset()  # as na_bench does per shape
@@ -345,19 +333,13 @@ def precompile_job(job: dict) -> tuple[str, float, str, int]:
                 table = pinned_table(shape, job["dtype"], job["family"], job["config"])
                 with tuning.use_table(table), tuning.watching_choices(observe):
                     out = na_bench.NA_BY_RANK[len(shape.spatial)](q, k, v, shape.kernel_size, shape.dilation,
-                                                                   shape.is_causal, rpb=rpb, backend=job["family"])
+                                                                   shape.causal, rpb=rpb, backend=job["family"])
                     torch.autograd.grad(out, leaves, grad)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         return job["label"], time.perf_counter() - started, "", len(misses)
     except Exception as exc:  # noqa: BLE001 -- a config that does not compile: the autotuner skips it too
         return job["label"], time.perf_counter() - started, f"{type(exc).__name__}: {str(exc)[:200]}", 0
-
-
-def _shape_fields(shape) -> dict:
-    from dataclasses import asdict
-
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(shape).items()}
 
 
 def precompile(jobs: list[dict], workers: int, seconds: float, log) -> dict:
@@ -425,7 +407,7 @@ def check_case(shape, dtype_name: str, backend: str, device) -> dict:
 
     dtype = getattr(torch, dtype_name)
     na = na_bench.NA_BY_RANK[len(shape.spatial)]
-    geometry = (shape.kernel_size, shape.dilation, shape.is_causal)
+    geometry = (shape.kernel_size, shape.dilation, shape.causal)
     # The RPB in float32, as a model's parameter under mixed precision.
     q, k, v, rpb, grad = na_bench.make_inputs(shape, device, dtype, seed=1, rpb_dtype=torch.float32)
     leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v, rpb) if t is not None]
@@ -506,24 +488,24 @@ def _check_past_int32_rows(ctx: "Context", skipped: list) -> list[dict]:
     import torch
 
     from benchmarks._common import describe_error, free_memory
-    from benchmarks.na_bench import Shape
+    from benchmarks._common import NAShape
     from dinat.kernels import tuning
 
     rows = []
     device = ctx.device
     if device.type != "cuda":  # the smoke record: nothing past int32 fits a CPU run
         return rows
-    shape, crop = (Shape("past int32", 1, (side,) * 2, HUGE["heads"], HUGE["head_dim"], (HUGE["kernel"],) * 2,
-                         (1, 1), (False, False), use_rpb=False) for side in (HUGE["side"], HUGE["crop"]))
+    shape, crop = (NAShape(1, (side,) * 2, HUGE["heads"], HUGE["head_dim"], (HUGE["kernel"],) * 2, (1, 1),
+                           (False, False), rpb=False, origin="past int32") for side in (HUGE["side"], HUGE["crop"]))
     for backend in ("fused", "unfused"):
-        label = f"{shape.label} bfloat16 {backend}"
+        label = f"{shape.bench_label} bfloat16 {backend}"
         free_gb = torch.cuda.mem_get_info(device)[0] / 2**30
         if free_gb < HUGE_MEMORY_GB[backend] or not ctx.fits(HUGE_ESTIMATE_S[backend]):
             skipped.append(f"{label} (needs {HUGE_MEMORY_GB[backend]} GB and ~{HUGE_ESTIMATE_S[backend]:.0f} s; "
                            f"{free_gb:.0f} GB free, {max(ctx.left(), 0):.0f} s left)")
             continue
         started = time.perf_counter()
-        row = dict(shape=shape.label, dtype="bfloat16", backend=backend, config="pinned #0")
+        row = dict(shape=shape.bench_label, dtype="bfloat16", backend=backend, config="pinned #0")
         try:
             tables = [pinned_table(x, "bfloat16", backend, 0) for x in (shape, crop)]
             pinned = tuning.Table("<gpu_record pinned>", "any", (), {**tables[0].winners, **tables[1].winners})
@@ -550,7 +532,7 @@ def _job_label(family: str, dtype_name: str, group: str, index: int) -> str:
 
 
 def _case_group(shape) -> str:
-    return shape.group.split()[0]
+    return shape.origin.split()[0]
 
 
 def _precompile_jobs_for(cases: list, rpb_dtype: str) -> list[dict]:
@@ -569,10 +551,10 @@ def _precompile_jobs_for(cases: list, rpb_dtype: str) -> list[dict]:
         for family in ("fused", "unfused"):
             for (dtype_name, group), shapes in groups.items():
                 job = dict(label=_job_label(family, dtype_name, group, index), family=family, dtype=dtype_name,
-                           rpb_dtype=rpb_dtype, config=index, shapes=[_shape_fields(s) for s in shapes])
+                           rpb_dtype=rpb_dtype, config=index, shapes=[s.to_json() for s in shapes])
                 (first if (dtype_name, group) == ("bfloat16", "dinat-t") else later).append(job)
-    flex = [dict(label=f"flex {s.label}", family="flex", dtype="bfloat16", rpb_dtype="float32",
-                 shapes=[_shape_fields(s)]) for s in bench]
+    flex = [dict(label=f"flex {s.bench_label}", family="flex", dtype="bfloat16", rpb_dtype="float32",
+                 shapes=[s.to_json()]) for s in bench]
     return first + flex + later
 
 
@@ -612,13 +594,13 @@ def step_correctness(ctx: Context) -> StepResult:
     first_checks, last_check = [1.0], {}
     for dtype_name, shape in cases:
         for backend in backends:
-            label = f"{shape.label} {dtype_name} {backend}"
+            label = f"{shape.bench_label} {dtype_name} {backend}"
             group = (backend, dtype_name, _case_group(shape))
             if not ctx.fits(1.2 * last_check.get(group, max(first_checks))):
                 untested.append(label)
                 continue
             started = time.perf_counter()
-            row = dict(shape=shape.label, dtype=dtype_name, backend=backend)
+            row = dict(shape=shape.bench_label, dtype=dtype_name, backend=backend)
             pin = _check_config(finished, backend, dtype_name, shape)
             row["config"] = "autotuned" if pin is None else f"pinned #{pin}"
             try:
@@ -703,17 +685,17 @@ def _precompile_note(data: dict) -> list[str]:
 def _min_bytes(shape, mode: str, element_size: int) -> int:
     """The fewest HBM bytes an NA call can move: q, k, v read and out written (+ the float32
     LSE); the backward reads q, k, v, out, dout, LSE and writes dq, dk, dv. The RPB is negligible."""
-    rows = shape.batch * shape.num_tokens * shape.heads
+    rows = shape.batch * shape.tokens * shape.heads
     fwd = rows * shape.head_dim * element_size * 4 + rows * 4
     return fwd if mode == "fwd" else fwd + rows * shape.head_dim * element_size * 8 + rows * 4
 
 
 def _bench_shapes(smoke: bool) -> list:
     from benchmarks import na_bench
-    from benchmarks.na_bench import Shape
+    from benchmarks._common import NAShape
 
     if smoke:
-        return [Shape("smoke", 1, (16,), 1, 16, (3,), (2,), (False,))]
+        return [NAShape(1, (16,), 1, 16, (3,), (2,), (False,), origin="smoke")]
     shapes = na_bench.preset_shapes("dinat-tiny", 64)
     # Each stage's dilated layer first: a time box that ends early still covers every stage.
     return sorted(shapes, key=lambda s: (s.dilation[0] == 1 and s.spatial[0] != 7, shapes.index(s)))
@@ -747,7 +729,7 @@ def step_na_bench(ctx: Context) -> StepResult:
         # Every shape compiles its own Flex graphs; the first one also pays one-time set-up, so the
         # estimate is the last shape's time.
         if rows and not ctx.fits(1.2 * last):
-            skipped.append(shape.label)
+            skipped.append(shape.bench_label)
             continue
         started = time.perf_counter()
         # One shape per call: every shape is checked against the reference (--check first).
@@ -772,7 +754,7 @@ def _bench_row(r, machine: dict, dtype) -> dict:
     import torch
 
     element_size = torch.empty((), dtype=dtype).element_size()
-    row = dict(shape=r.shape.label, mode=r.mode, candidate=r.candidate, ms=r.ms, status=r.status, note=r.note,
+    row = dict(shape=r.shape.bench_label, mode=r.mode, candidate=r.candidate, ms=r.ms, status=r.status, note=r.note,
                vs_baseline=r.speedup, tflops=r.tflops, peak_mib=r.peak_mib, max_err=r.max_err, err_ok=r.err_ok,
                block_fraction=r.block_fraction, min_bytes=_min_bytes(r.shape, r.mode, element_size))
     gbps = machine.get("hbm_gbps")
@@ -971,7 +953,7 @@ def step_sweep(ctx: Context) -> StepResult:
                           for c in _sweep_candidates("fused_fwd")})
         # The sweep's inputs: the RPB in the q dtype (sweep._inputs), so those specialisations.
         jobs = [dict(label=f"sweep {config}", family="fused", dtype=dtype_name, rpb_dtype=None, config=config,
-                     shapes=[_shape_fields(_bench_shape(s)) for s in shapes]) for config in configs]
+                     shapes=[s.to_json() for s in shapes]) for config in configs]
         seconds = min(60.0, 0.45 * ctx.left())
         workers = ctx.workers or _default_workers()
         ctx.log(f"  precompiling {len(jobs)} candidate configs x {len(shapes)} shapes on {workers} processes, "
@@ -1028,14 +1010,6 @@ def step_sweep(ctx: Context) -> StepResult:
     elif skipped:
         result.status, result.reason = "partial", f"{len(skipped)} of {len(units)} keys not swept (time box)"
     return result
-
-
-def _bench_shape(sweep_shape):
-    from benchmarks.na_bench import Shape
-
-    s = sweep_shape
-    return Shape(s.origin or "sweep", s.batch, tuple(s.spatial), s.heads, s.head_dim, tuple(s.kernel_size),
-                 tuple(s.dilation), tuple(s.causal), s.rpb)
 
 
 def _write_sweep_files(ctx: Context, result: StepResult, entries, skipped, family, gpu_name, dtype_name,

@@ -34,7 +34,7 @@ import torch
 
 from dinat import kernels
 from benchmarks import _common
-from benchmarks._common import describe_error, free_memory, is_oom, median_ms, sync
+from benchmarks._common import NAShape, describe_error, free_memory, is_oom, median_ms, sync
 from benchmarks.alternatives import FlexNA, sdpa_full
 
 NA_BY_RANK = {1: kernels.na1d, 2: kernels.na2d, 3: kernels.na3d}
@@ -53,89 +53,50 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 6e-2, torch.float32: 1e-2, torch.float64: 1e-6}
 
 
-@dataclass(frozen=True)
-class Shape:
-    """One NA problem: tensors ``[batch, *spatial, heads, head_dim]`` and the window."""
-
-    group: str
-    batch: int
-    spatial: tuple[int, ...]
-    heads: int
-    head_dim: int
-    kernel_size: tuple[int, ...]
-    dilation: tuple[int, ...]
-    is_causal: tuple[bool, ...]
-    use_rpb: bool = True
-
-    @property
-    def num_tokens(self) -> int:
-        return math.prod(self.spatial)
-
-    @property
-    def num_neighbors(self) -> int:
-        return math.prod(self.kernel_size)
-
-    def forward_flops(self) -> int:
-        """Useful NA work: q.k and attn.v, 2 FLOPs per multiply-add each, ``4*B*H*N*K*D``."""
-        return 4 * self.batch * self.heads * self.num_tokens * self.num_neighbors * self.head_dim
-
-    @property
-    def label(self) -> str:
-        def axes(values):
-            values = tuple(values)
-            return str(values[0]) if len(set(values)) == 1 else "x".join(map(str, values))
-
-        causal = ""
-        if any(self.is_causal):
-            causal = " causal" + ("" if all(self.is_causal) else "(" + "".join("TF"[not c] for c in self.is_causal) + ")")
-        return (f"{self.group} {'x'.join(map(str, self.spatial))} B{self.batch} H{self.heads} D{self.head_dim} "
-                f"k{axes(self.kernel_size)} d{axes(self.dilation)}{causal}{' rpb' if self.use_rpb else ''}")
+def _square(origin, batch, size, heads, head_dim, k, d, ndim=2, rpb=True) -> NAShape:
+    return NAShape(batch, (size,) * ndim, heads, head_dim, (k,) * ndim, (d,) * ndim, (False,) * ndim, rpb, origin)
 
 
-def _square(group, batch, size, heads, head_dim, k, d, ndim=2, use_rpb=True) -> Shape:
-    return Shape(group, batch, (size,) * ndim, heads, head_dim, (k,) * ndim, (d,) * ndim, (False,) * ndim, use_rpb)
-
-
-def _dinat_tiny(batch: int, group: str = "dinat-t") -> list[Shape]:
+def _dinat_tiny(batch: int, origin: str = "dinat-t") -> list[NAShape]:
     # DiNAT-tiny at 224x224: stages of 56^2 .. 7^2 tokens, 2..16 heads of 32, 7x7 windows; its
     # dilated layers use 8, 4, 2, 1 and every stage also has undilated layers.
     shapes = []
     for stage, (size, heads, dilation) in enumerate(((56, 2, 8), (28, 4, 4), (14, 8, 2), (7, 16, 1)), start=1):
         for d in sorted({dilation, 1}, reverse=True):
-            shapes.append(_square(f"{group} s{stage}", batch, size, heads, 32, 7, d))
+            shapes.append(_square(f"{origin} s{stage}", batch, size, heads, 32, 7, d))
     return shapes
 
 
-def _dinat_mini(batch: int) -> list[Shape]:
+def _dinat_mini(batch: int) -> list[NAShape]:
     # DiNAT-mini's layers have DiNAT-tiny's shapes (it is shallower, not narrower); batch 8 for a CPU.
     return _dinat_tiny(batch, "dinat-mini")
 
 
-def _large_image(batch: int) -> list[Shape]:
+def _large_image(batch: int) -> list[NAShape]:
     return [_square("large", batch, 128, 4, 32, 13, d) for d in (1, 2, 3, 4)]
 
 
-def _video(batch: int) -> list[Shape]:
+def _video(batch: int) -> list[NAShape]:
     spatial, ks = (16, 32, 32), (3, 7, 7)
     return [
-        Shape("video", batch, spatial, 4, 32, ks, (1, 1, 1), (False,) * 3),
-        Shape("video", batch, spatial, 4, 32, ks, (1, 2, 2), (False,) * 3),
-        Shape("video", batch, spatial, 4, 32, ks, (1, 1, 1), (True, False, False), use_rpb=False),
+        NAShape(batch, spatial, 4, 32, ks, (1, 1, 1), (False,) * 3, origin="video"),
+        NAShape(batch, spatial, 4, 32, ks, (1, 2, 2), (False,) * 3, origin="video"),
+        NAShape(batch, spatial, 4, 32, ks, (1, 1, 1), (True, False, False), rpb=False, origin="video"),
     ]
 
 
-def _tiny(batch: int) -> list[Shape]:
+def _tiny(batch: int) -> list[NAShape]:
     # Seconds on a CPU, every rank, dilation, causal and RPB: a smoke test of the tool, not a benchmark.
     return [
         _square("tiny", batch, 9, 2, 16, 3, 2),
-        Shape("tiny", batch, (24,), 2, 16, (5,), (3,), (False,)),
-        Shape("tiny", batch, (8, 8), 2, 16, (3, 3), (1, 2), (True, False), use_rpb=False),
-        Shape("tiny", batch, (3, 6, 6), 2, 16, (3, 3, 3), (1, 2, 1), (False,) * 3),
+        NAShape(batch, (24,), 2, 16, (5,), (3,), (False,), origin="tiny"),
+        NAShape(batch, (8, 8), 2, 16, (3, 3), (1, 2), (True, False), rpb=False, origin="tiny"),
+        NAShape(batch, (3, 6, 6), 2, 16, (3, 3, 3), (1, 2, 1), (False,) * 3, origin="tiny"),
     ]
 
 
 # preset -> (shape list for a batch size, default batch)
-PRESETS: dict[str, tuple[Callable[[int], list[Shape]], int]] = {
+PRESETS: dict[str, tuple[Callable[[int], list[NAShape]], int]] = {
     "dinat-tiny": (_dinat_tiny, 64),
     "large-image": (_large_image, 8),
     "video": (_video, 4),
@@ -147,7 +108,7 @@ _NOT_IN_ALL = ("tiny", "dinat-mini")
 PRESET_CHOICES = [*PRESETS, "all"]
 
 
-def preset_shapes(name: str, batch: Optional[int] = None) -> list[Shape]:
+def preset_shapes(name: str, batch: Optional[int] = None) -> list[NAShape]:
     names = [n for n in PRESETS if n not in _NOT_IN_ALL] if name == "all" else [name]
     shapes = []
     for n in names:
@@ -180,9 +141,9 @@ def available_na_backends(device: torch.device) -> list[str]:
         return names
 
 
-def build_candidate(name: str, shape: Shape, device: torch.device, flex_compile: Optional[bool]) -> Callable:
+def build_candidate(name: str, shape: NAShape, device: torch.device, flex_compile: Optional[bool]) -> Callable:
     """``fn(q, k, v, rpb) -> out`` for one candidate on one shape (set-up such as block masks done here)."""
-    na_args = dict(kernel_size=shape.kernel_size, dilation=shape.dilation, is_causal=shape.is_causal)
+    na_args = dict(kernel_size=shape.kernel_size, dilation=shape.dilation, is_causal=shape.causal)
     if name in NA_BACKENDS:
         na = NA_BY_RANK[len(shape.spatial)]
         return lambda q, k, v, rpb: na(q, k, v, rpb=rpb, backend=name, **na_args)
@@ -201,14 +162,14 @@ def build_candidate(name: str, shape: Shape, device: torch.device, flex_compile:
     raise ValueError(f"unknown candidate {name!r}; choose from {list(ALL_CANDIDATES)}")
 
 
-def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int = 0,
+def make_inputs(shape: NAShape, device: torch.device, dtype: torch.dtype, seed: int = 0,
                 rpb_dtype: Optional[torch.dtype] = None):
     """Seeded standard-normal q, k, v, rpb (``rpb_dtype``, default ``dtype``) and output gradient."""
     gen = torch.Generator(device=device).manual_seed(seed)
     size = (shape.batch, *shape.spatial, shape.heads, shape.head_dim)
     q, k, v = (torch.randn(size, generator=gen, device=device, dtype=dtype) for _ in range(3))
     rpb = None
-    if shape.use_rpb:
+    if shape.rpb:
         rpb = torch.randn((shape.heads, *(2 * k_ - 1 for k_ in shape.kernel_size)), generator=gen, device=device,
                           dtype=rpb_dtype or dtype)
     grad_out = torch.randn(size, generator=gen, device=device, dtype=dtype)
@@ -255,12 +216,12 @@ def check_against_reference(fn: Callable, mode: str, inputs, reference, toleranc
     return max(errors), ok
 
 
-def reference_results(shape: Shape, mode: str, inputs) -> list[torch.Tensor]:
+def reference_results(shape: NAShape, mode: str, inputs) -> list[torch.Tensor]:
     """Ground truth in float32: the output, then (fwd+bwd) the gradients of q, k, v, rpb."""
     q, k, v, rpb, grad_out = inputs
     na = NA_BY_RANK[len(shape.spatial)]
     leaves = _leaves((q, k, v, rpb), torch.float32)
-    out = na(*leaves[:3], shape.kernel_size, shape.dilation, shape.is_causal, rpb=leaves[3], backend="reference")
+    out = na(*leaves[:3], shape.kernel_size, shape.dilation, shape.causal, rpb=leaves[3], backend="reference")
     if mode == "fwd":
         return [out.detach()]
     grads = torch.autograd.grad(out, [t for t in leaves if t is not None], grad_out.float())
@@ -307,7 +268,7 @@ def cpu_peak_memory_mib(call: Callable[[], None]) -> float:
 
 @dataclass
 class Result:
-    shape: Shape
+    shape: NAShape
     mode: str
     candidate: str
     ms: Optional[float] = None
@@ -329,7 +290,7 @@ class Result:
         return flops / (self.ms * 1e-3) / 1e12
 
 
-def run_benchmark(shapes: Sequence[Shape], candidates: Sequence[str], modes: Sequence[str], device: torch.device,
+def run_benchmark(shapes: Sequence[NAShape], candidates: Sequence[str], modes: Sequence[str], device: torch.device,
                   dtype: torch.dtype, args, log=print,
                   on_shape_done: Optional[Callable[[list[Result], int], None]] = None) -> list[Result]:
     """Check, time and measure every (shape, mode, candidate); ``on_shape_done(results, shapes_done)``
@@ -356,7 +317,7 @@ def run_benchmark(shapes: Sequence[Shape], candidates: Sequence[str], modes: Seq
                     reference = reference_results(shape, mode, inputs)
                 except Exception as exc:  # noqa: BLE001 -- e.g. OOM of the gathering reference
                     reference_failure = "no ref (OOM)" if is_oom(exc) else "no ref (error)"
-                    log(f"  [{shape.label} {MODES[mode]}] reference for the check failed: {describe_error(exc)}")
+                    log(f"  [{shape.bench_label} {MODES[mode]}] reference for the check failed: {describe_error(exc)}")
                 free_memory(device)
             for name in candidates:
                 result = Result(shape, mode, name, unchecked_because=reference_failure)
@@ -375,15 +336,15 @@ def run_benchmark(shapes: Sequence[Shape], candidates: Sequence[str], modes: Seq
                             with torch.no_grad():
                                 built[name](q, k, v, rpb)
                             sync(device)
-                            compile_seconds[shape.label] = time.perf_counter() - started
+                            compile_seconds[shape.bench_label] = time.perf_counter() - started
                     fn = built[name]
-                    result.compile_s = compile_seconds.get(shape.label) if name == "flex" else None
+                    result.compile_s = compile_seconds.get(shape.bench_label) if name == "flex" else None
                     result.block_fraction = getattr(fn, "computed_block_fraction", None)
                     if reference is not None and name != "sdpa":
                         result.max_err, result.err_ok = check_against_reference(fn, mode, inputs, reference,
                                                                                 TOLERANCE[dtype])
                         if not result.err_ok:
-                            wrong[name] = f"max abs err {result.max_err:.3g} on {shape.label} {MODES[mode]}"
+                            wrong[name] = f"max abs err {result.max_err:.3g} on {shape.bench_label} {MODES[mode]}"
                             result.status, result.note = "wrong", wrong[name]
                             continue
                     q, k, v, rpb, grad_out = inputs
@@ -402,7 +363,7 @@ def run_benchmark(shapes: Sequence[Shape], candidates: Sequence[str], modes: Seq
                     result.note = describe_error(exc)
                 free_memory(device)
                 shown = f"{result.ms:.3f} ms" if result.ms is not None else f"{result.status}: {result.note}"
-                log(f"  {shape.label:<48} {MODES[mode]:<8} {name:<10} {shown}")
+                log(f"  {shape.bench_label:<48} {MODES[mode]:<8} {name:<10} {shown}")
         del inputs, built
         free_memory(device)
         _add_speedups(results, args.baseline)
@@ -469,7 +430,7 @@ def markdown_table(results: Sequence[Result], env: dict[str, str], args, candida
     for r in results:
         ms = _fmt(r.ms, ".3f") if r.ms is not None else r.status
         if r.note and r.status:
-            notes.append(f"{r.candidate}, {r.shape.label}, {MODES[r.mode]}: {r.status}: {r.note}")
+            notes.append(f"{r.candidate}, {r.shape.bench_label}, {MODES[r.mode]}: {r.status}: {r.note}")
             ms = f"{ms} [{len(notes)}]"
         if r.candidate == "sdpa":
             err = "n/a (not NA)"
@@ -478,17 +439,17 @@ def markdown_table(results: Sequence[Result], env: dict[str, str], args, candida
         else:
             err = f"{r.max_err:.2e}" + ("" if r.err_ok else " FAIL")
         lines.append(
-            f"| {r.shape.label} | {MODES[r.mode]} | {r.candidate} | {ms} | {_fmt(r.speedup, '.2f', '-')}"
+            f"| {r.shape.bench_label} | {MODES[r.mode]} | {r.candidate} | {ms} | {_fmt(r.speedup, '.2f', '-')}"
             f"{'x' if r.speedup is not None else ''} | {_fmt(r.tflops, '.3g', '-')} | "
             f"{_fmt(r.peak_mib, '.0f')} | {err} |"
         )
     if notes:
         lines += ["", *(f"[{i}] {note}" for i, note in enumerate(notes, start=1))]
-    fractions = {r.shape.label: r.block_fraction for r in results if r.block_fraction is not None}
+    fractions = {r.shape.bench_label: r.block_fraction for r in results if r.block_fraction is not None}
     if fractions:
         lines += ["", "flex block mask, share of 128x128 (query, key) tiles computed (the rest are skipped): "
                   + "; ".join(f"{label}: {fraction:.1%}" for label, fraction in fractions.items())]
-    compiles = {r.shape.label: r.compile_s for r in results if r.compile_s is not None}
+    compiles = {r.shape.bench_label: r.compile_s for r in results if r.compile_s is not None}
     if compiles:
         lines += ["", "compiled flex, building it (block mask) plus its first call (compilation), not in the "
                   "times above: " + "; ".join(f"{label}: {s:.1f} s" for label, s in compiles.items())]
@@ -503,10 +464,10 @@ def plot(results: Sequence[Result], path: str, title: str, candidates: Sequence[
 
     groups = []
     for r in results:
-        key = (r.shape.label, MODES[r.mode])
+        key = (r.shape.bench_label, MODES[r.mode])
         if key not in groups:
             groups.append(key)
-    times = {(r.shape.label, MODES[r.mode], r.candidate): r.ms for r in results}
+    times = {(r.shape.bench_label, MODES[r.mode], r.candidate): r.ms for r in results}
     width = 0.8 / max(1, len(candidates))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(groups) * len(candidates) + 2), 5))
     for c_index, name in enumerate(candidates):
@@ -538,7 +499,7 @@ def _shape_list_help() -> str:
     for name in PRESETS:
         make, batch = PRESETS[name]
         lines.append(f"  {name} (batch {batch}):")
-        lines += [f"    {s.label}" for s in make(batch)]
+        lines += [f"    {s.bench_label}" for s in make(batch)]
     return "presets:\n" + "\n".join(lines) + "\n  all: dinat-tiny + large-image + video"
 
 
@@ -591,9 +552,9 @@ def main(argv=None) -> list[Result]:
 
     shapes = preset_shapes(args.preset, args.batch)
     if args.no_rpb:
-        shapes = [replace(s, use_rpb=False) for s in shapes]
+        shapes = [replace(s, rpb=False) for s in shapes]
     if args.filter:
-        shapes = [s for s in shapes if args.filter in s.label]
+        shapes = [s for s in shapes if args.filter in s.bench_label]
         if not shapes:
             parser.error(f"--filter {args.filter!r} matches no shape of preset {args.preset!r}")
 

@@ -9,6 +9,7 @@ import torch
 
 from dinat import kernels
 from benchmarks import na_bench
+from benchmarks._common import NAShape
 from benchmarks.alternatives import FlexNA, flex_na, sdpa_full
 
 from .strategies import Problem
@@ -99,13 +100,13 @@ def test_tiny_preset_runs_end_to_end_and_writes_table_and_plot(tmp_path, capsys)
     by_key = {(row[0], row[1], row[2]): row for row in rows}
     for shape in shapes:
         for mode in ("fwd", "fwd+bwd"):
-            reference = by_key[(shape.label, mode, "reference")]
+            reference = by_key[(shape.bench_label, mode, "reference")]
             assert float(reference[3]) > 0 and reference[4] == "1.00x"  # the CPU baseline
-            assert float(by_key[(shape.label, mode, "sdpa")][3]) > 0
-            assert by_key[(shape.label, mode, "sdpa")][7] == "n/a (not NA)"
-        assert float(by_key[(shape.label, "fwd", "flex")][3]) > 0
-        assert by_key[(shape.label, "fwd+bwd", "flex")][3].startswith("unsupported")  # no CPU backward
-    first = shapes[0].label
+            assert float(by_key[(shape.bench_label, mode, "sdpa")][3]) > 0
+            assert by_key[(shape.bench_label, mode, "sdpa")][7] == "n/a (not NA)"
+        assert float(by_key[(shape.bench_label, "fwd", "flex")][3]) > 0
+        assert by_key[(shape.bench_label, "fwd+bwd", "flex")][3].startswith("unsupported")  # no CPU backward
+    first = shapes[0].bench_label
     assert float(by_key[(first, "fwd", "flex")][7]) < 1e-4  # checked against the reference
     assert float(by_key[(first, "fwd+bwd", "reference")][7]) == 0.0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
@@ -129,7 +130,7 @@ def test_wrong_or_failing_candidate_is_reported_not_timed(monkeypatch, tmp_path)
     flex_rows = [row for row in rows if row[2] == "flex"]
     assert flex_rows[0][7].endswith("FAIL")
     assert all(row[3].startswith("wrong") and row[5] == "-" for row in flex_rows)
-    label_1d = next(s.label for s in na_bench.preset_shapes("tiny") if len(s.spatial) == 1)
+    label_1d = next(s.bench_label for s in na_bench.preset_shapes("tiny") if len(s.spatial) == 1)
     sdpa_1d = [row for row in rows if row[2] == "sdpa" and row[0] == label_1d]
     assert sdpa_1d and sdpa_1d[0][3].startswith("error")
     assert "simulated launch failure" in out.read_text()
@@ -151,6 +152,20 @@ def test_presets_hold_the_documented_shapes():
     assert dinat[0].forward_flops() == 4 * 64 * 2 * 56 * 56 * 49 * 32
 
 
+def test_one_shape_type_keeps_both_recorded_label_formats():
+    # Benchmark tables (na_bench, gpu_record) and sweep/audit reports label the one NAShape each
+    # their own way; both formats are what docs/benchmarks.md and docs/kernel_audit.md recorded.
+    shapes = {s.bench_label: s for s in na_bench.preset_shapes("dinat-mini") + na_bench.preset_shapes("tiny")}
+    for recorded in ("dinat-mini s1 56x56 B8 H2 D32 k7 d8 rpb", "tiny 8x8 B2 H2 D16 k3 d1x2 causal(TF)",
+                     "tiny 24 B2 H2 D16 k5 d3 rpb", "tiny 3x6x6 B2 H2 D16 k3 d1x2x1 rpb"):
+        assert recorded in shapes
+    assert shapes["dinat-mini s1 56x56 B8 H2 D32 k7 d1 rpb"].label == "56x56 B8 H2 D32 k7x7 d1x1 rpb"
+    causal_everywhere = NAShape(1, (6, 6), 1, 8, (3, 3), (1, 1), (True, True), rpb=False, origin="c")
+    assert causal_everywhere.bench_label == "c 6x6 B1 H1 D8 k3 d1 causal"
+    assert causal_everywhere.label == "6x6 B1 H1 D8 k3x3 d1x1 causal1x1"
+    assert NAShape.from_json(causal_everywhere.to_json()) == causal_everywhere
+
+
 @pytest.mark.gpu
 def test_compiled_flex_na_matches_reference_forward_and_backward_on_gpu():
     problem = Problem(2, (20, 24), 2, 32, (5, 7), (2, 3), (False, False), True)
@@ -170,7 +185,7 @@ def test_tiny_preset_on_gpu_checks_and_times_every_available_candidate(tmp_path)
     out = tmp_path / "bench.md"
     results = na_bench.main(["--tiny", "--device", "cuda", "--check", "all", "--warmup-ms", "5", "--rep-ms", "20",
                              "--out", str(out)])
-    failed = [(r.candidate, r.shape.label, r.mode, r.status, r.note) for r in results if r.ms is None]
+    failed = [(r.candidate, r.shape.bench_label, r.mode, r.status, r.note) for r in results if r.ms is None]
     assert not failed
     assert all(r.peak_mib > 0 and r.tflops > 0 for r in results)
     assert all(r.err_ok for r in results if r.candidate != "sdpa")

@@ -125,9 +125,9 @@ def test_an_isolated_step_past_its_box_is_killed_and_recorded(tmp_path, monkeypa
 
 
 def test_roofline_bytes_count_each_tensor_once():
-    from benchmarks.na_bench import Shape
+    from benchmarks._common import NAShape
 
-    shape = Shape("t", 2, (4, 4), 3, 8, (3, 3), (1, 1), (False, False))
+    shape = NAShape(2, (4, 4), 3, 8, (3, 3), (1, 1), (False, False), origin="t")
     rows = 2 * 16 * 3
     assert gpu_record._min_bytes(shape, "fwd", 2) == rows * 8 * 2 * 4 + rows * 4
     assert gpu_record._min_bytes(shape, "fwdbwd", 2) == rows * 8 * 2 * 12 + rows * 8
@@ -162,9 +162,9 @@ def test_bad_arguments_are_refused():
 def test_precompile_pool_runs_each_family_with_every_tunable_launch_pinned():
     # On a GPU the jobs fill Triton's on-disk cache; here (interpreter) they check the plumbing:
     # the spawned worker runs forward+backward and every tunable launch hits the pinned table.
-    from benchmarks.na_bench import Shape
+    from benchmarks._common import NAShape
 
-    shape = gpu_record._shape_fields(Shape("t", 1, (8,), 1, 16, (3,), (2,), (False,)))
+    shape = NAShape(1, (8,), 1, 16, (3,), (2,), (False,), origin="t").to_json()
     jobs = [dict(label="fused own config", family="fused", dtype="float32", rpb_dtype="float32", config=0,
                  device="cpu", shapes=[shape]),
             dict(label="unfused", family="unfused", dtype="float32", rpb_dtype=None, config=0, device="cpu",
