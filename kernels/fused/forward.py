@@ -42,11 +42,10 @@ def _na_fwd_kernel(
     b = (bh // H).to(tl.int64)
     h = bh % H
     if INT64_OFFSETS:  # a batch element spans 2^31 elements or more (kernels/offsets.py)
-        sq0, sq1, sq2, sqh, sqd = int64_strides(sq0, sq1, sq2, sqh, sqd)
-        sk0, sk1, sk2, skh, skd = int64_strides(sk0, sk1, sk2, skh, skd)
-        sv0, sv1, sv2, svh, svd = int64_strides(sv0, sv1, sv2, svh, svd)
-        so0, so1, so2, soh, sod = int64_strides(so0, so1, so2, soh, sod)
-        sl0, sl1, sl2, slh, _ = int64_strides(sl0, sl1, sl2, slh, 0)
+        (sq0, sq1, sq2, sqh, sqd, sk0, sk1, sk2, skh, skd, sv0, sv1, sv2, svh, svd,
+         so0, so1, so2, soh, sod, sl0, sl1, sl2, slh) = int64_strides(
+            (sq0, sq1, sq2, sqh, sqd, sk0, sk1, sk2, skh, skd, sv0, sv1, sv2, svh, svd,
+             so0, so1, so2, soh, sod, sl0, sl1, sl2, slh))
     n_sub0 = subgrid_length(g0, L0, D0)
     n_sub1 = subgrid_length(g1, L1, D1)
     n_sub2 = subgrid_length(g2, L2, D2)

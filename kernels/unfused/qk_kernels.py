@@ -67,9 +67,8 @@ def _window_dot_kernel(
 ):
     b, h, n_mask, i0, i1, i2 = row_tile(N, L1, L2, H, BLOCK_N)
     if INT64_OFFSETS:  # a batch element spans 2^31 elements or more (kernels/offsets.py)
-        sx0, sx1, sx2, sxh, sxd = tg.int64_strides(sx0, sx1, sx2, sxh, sxd)
-        sy0, sy1, sy2, syh, syd = tg.int64_strides(sy0, sy1, sy2, syh, syd)
-        so0, so1, so2, soh, sod = tg.int64_strides(so0, so1, so2, soh, sod)
+        (sx0, sx1, sx2, sxh, sxd, sy0, sy1, sy2, syh, syd, so0, so1, so2, soh, sod) = tg.int64_strides(
+            (sx0, sx1, sx2, sxh, sxd, sy0, sy1, sy2, syh, syd, so0, so1, so2, soh, sod))
     start0 = tg.window_start(i0, L0, K0, D0, C0)
     start1 = tg.window_start(i1, L1, K1, D1, C1)
     start2 = tg.window_start(i2, L2, K2, D2, C2)
