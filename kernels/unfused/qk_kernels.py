@@ -113,7 +113,7 @@ def window_dot(x: torch.Tensor, y: torch.Tensor, rpb: torch.Tensor | None, geo: 
     """Fill ``out`` ``[B, *spatial, H, K]`` with the window dot products (see module doc)."""
     if out.numel() == 0:
         return out
-    rpb_arg = rpb.contiguous() if rpb is not None else x  # any pointer when HAS_RPB is off
+    rpb_arg = rpb.contiguous() if rpb is not None else None  # HAS_RPB off: the kernel never touches it
     launch_rows(_window_dot_kernel,
                 lambda x, y, out: dict(x_ptr=x, y_ptr=y, rpb_ptr=rpb_arg, out_ptr=out,
                                        **geo.stride_args(x=x, y=y, o=out)),
