@@ -91,9 +91,12 @@ def rpb_offset(i, j, KERNEL: tl.constexpr, dilation):
 
 
 @triton.jit
-def int64_strides(s0, s1, s2, sh, sd):
-    """A tensor's strides inside a batch element (3 spatial axes, heads, last) as int64: every
-    offset built from them is then a 64-bit product. The prologue of a kernel's ``INT64_OFFSETS``
-    specialisation (``kernels/offsets.py``); unit strides (Triton constexprs) work too."""
-    return (tl.cast(s0, tl.int64), tl.cast(s1, tl.int64), tl.cast(s2, tl.int64), tl.cast(sh, tl.int64),
-            tl.cast(sd, tl.int64))
+def int64_strides(strides):
+    """Every stride of the tuple ``strides`` as int64, in order: each offset built from them is then
+    a 64-bit product. The prologue of a kernel's ``INT64_OFFSETS`` specialisation
+    (``kernels/offsets.py``), one call for all its tensors; unit strides (Triton constexprs) work too.
+    The loop is unrolled at trace time (one cast per stride, nothing at run time)."""
+    cast = ()
+    for i in tl.static_range(len(strides)):
+        cast = cast + (tl.cast(strides[i], tl.int64),)
+    return cast

@@ -64,13 +64,12 @@ def _na_bwd_dq_kernel(
     bh = tl.program_id(1)
     b, h = batch_head(bh, H)
     if INT64_OFFSETS:  # a batch element spans 2^31 elements or more (kernels/offsets.py)
-        sq0, sq1, sq2, sqh, sqd = int64_strides(sq0, sq1, sq2, sqh, sqd)
-        sk0, sk1, sk2, skh, skd = int64_strides(sk0, sk1, sk2, skh, skd)
-        sv0, sv1, sv2, svh, svd = int64_strides(sv0, sv1, sv2, svh, svd)
-        so0, so1, so2, soh, sod = int64_strides(so0, so1, so2, soh, sod)
-        sdo0, sdo1, sdo2, sdoh, sdod = int64_strides(sdo0, sdo1, sdo2, sdoh, sdod)
-        sg0, sg1, sg2, sgh, sgd = int64_strides(sg0, sg1, sg2, sgh, sgd)
-        sl0, sl1, sl2, slh, _ = int64_strides(sl0, sl1, sl2, slh, 0)
+        (sq0, sq1, sq2, sqh, sqd, sk0, sk1, sk2, skh, skd, sv0, sv1, sv2, svh, svd,
+         so0, so1, so2, soh, sod, sdo0, sdo1, sdo2, sdoh, sdod, sg0, sg1, sg2, sgh, sgd,
+         sl0, sl1, sl2, slh) = int64_strides(
+            (sq0, sq1, sq2, sqh, sqd, sk0, sk1, sk2, skh, skd, sv0, sv1, sv2, svh, svd,
+             so0, so1, so2, soh, sod, sdo0, sdo1, sdo2, sdoh, sdod, sg0, sg1, sg2, sgh, sgd,
+             sl0, sl1, sl2, slh))
     n_sub0 = signed(group_length(g0, L0, D0))
     n_sub1 = signed(group_length(g1, L1, D1))
     n_sub2 = signed(group_length(g2, L2, D2))
@@ -105,7 +104,9 @@ def _na_bwd_dq_kernel(
 
     k_row = k_ptr + b * skb + h * skh + (hs0 * D0 + g0) * sk0 + (hs1 * D1 + g1) * sk1 + (hs2 * D2 + g2) * sk2
     v_row = v_ptr + b * svb + h * svh + (hs0 * D0 + g0) * sv0 + (hs1 * D1 + g1) * sv1 + (hs2 * D2 + g2) * sv2
-    rpb_row = rpb_ptr + h * R
+    rpb_row = rpb_ptr  # None without an RPB: window_logits never reads it
+    if HAS_RPB:
+        rpb_row = rpb_ptr + h * R
     rpb_q = rpb_steps(hs0 - ip0 + K0 - 1, hs1 - ip1 + K1 - 1, hs2 - ip2 + K2 - 1, K1, K2)
     # dRPB by window class (1-D/2-D): a query's window holds K consecutive halo steps per axis, so
     # their residues modulo SLOT (a power of two >= K) are distinct, and dS is 0 outside the window:
@@ -280,12 +281,10 @@ def _na_bwd_dkdv_kernel(
     bh = tl.program_id(1)
     b, h = batch_head(bh, H)
     if INT64_OFFSETS:  # a batch element spans 2^31 elements or more (kernels/offsets.py)
-        sq0, sq1, sq2, sqh, sqd = int64_strides(sq0, sq1, sq2, sqh, sqd)
-        sk0, sk1, sk2, skh, skd = int64_strides(sk0, sk1, sk2, skh, skd)
-        sv0, sv1, sv2, svh, svd = int64_strides(sv0, sv1, sv2, svh, svd)
-        sdo0, sdo1, sdo2, sdoh, sdod = int64_strides(sdo0, sdo1, sdo2, sdoh, sdod)
-        sg0, sg1, sg2, sgh, sgd = int64_strides(sg0, sg1, sg2, sgh, sgd)
-        sl0, sl1, sl2, slh, _ = int64_strides(sl0, sl1, sl2, slh, 0)
+        (sq0, sq1, sq2, sqh, sqd, sk0, sk1, sk2, skh, skd, sv0, sv1, sv2, svh, svd,
+         sdo0, sdo1, sdo2, sdoh, sdod, sg0, sg1, sg2, sgh, sgd, sl0, sl1, sl2, slh) = int64_strides(
+            (sq0, sq1, sq2, sqh, sqd, sk0, sk1, sk2, skh, skd, sv0, sv1, sv2, svh, svd,
+             sdo0, sdo1, sdo2, sdoh, sdod, sg0, sg1, sg2, sgh, sgd, sl0, sl1, sl2, slh))
     n_sub0 = signed(group_length(g0, L0, D0))
     n_sub1 = signed(group_length(g1, L1, D1))
     n_sub2 = signed(group_length(g2, L2, D2))
@@ -314,7 +313,8 @@ def _na_bwd_dkdv_kernel(
               + (qs2 * D2 + g2) * sdo2)
     l_row = b * slb + h * slh + (qs0 * D0 + g0) * sl0 + (qs1 * D1 + g1) * sl1 + (qs2 * D2 + g2) * sl2
     # RPB entry of (halo query u, key) = entry of (halo start, key) - rpb_steps(u).
-    rpb_row = rpb_ptr + h * R
+    if HAS_RPB:  # else rpb_ptr is None
+        rpb_row = rpb_ptr + h * R
     rpb_k = rpb_steps(v0 + K0 - 1, v1 + K1 - 1, v2 + K2 - 1, K1, K2)
 
     qk_scale = scale * LOG2E  # base-2 softmax

@@ -42,11 +42,10 @@ def _na_fwd_kernel(
     b = (bh // H).to(tl.int64)
     h = bh % H
     if INT64_OFFSETS:  # a batch element spans 2^31 elements or more (kernels/offsets.py)
-        sq0, sq1, sq2, sqh, sqd = int64_strides(sq0, sq1, sq2, sqh, sqd)
-        sk0, sk1, sk2, skh, skd = int64_strides(sk0, sk1, sk2, skh, skd)
-        sv0, sv1, sv2, svh, svd = int64_strides(sv0, sv1, sv2, svh, svd)
-        so0, so1, so2, soh, sod = int64_strides(so0, so1, so2, soh, sod)
-        sl0, sl1, sl2, slh, _ = int64_strides(sl0, sl1, sl2, slh, 0)
+        (sq0, sq1, sq2, sqh, sqd, sk0, sk1, sk2, skh, skd, sv0, sv1, sv2, svh, svd,
+         so0, so1, so2, soh, sod, sl0, sl1, sl2, slh) = int64_strides(
+            (sq0, sq1, sq2, sqh, sqd, sk0, sk1, sk2, skh, skd, sv0, sv1, sv2, svh, svd,
+             so0, so1, so2, soh, sod, sl0, sl1, sl2, slh))
     n_sub0 = subgrid_length(g0, L0, D0)
     n_sub1 = subgrid_length(g1, L1, D1)
     n_sub2 = subgrid_length(g2, L2, D2)
@@ -70,8 +69,11 @@ def _na_fwd_kernel(
     # K/V of the halo: first token, then a stride per halo step along each axis.
     k_row = k_ptr + b * skb + h * skh + (hs0 * D0 + g0) * sk0 + (hs1 * D1 + g1) * sk1 + (hs2 * D2 + g2) * sk2
     v_row = v_ptr + b * svb + h * svh + (hs0 * D0 + g0) * sv0 + (hs1 * D1 + g1) * sv1 + (hs2 * D2 + g2) * sv2
-    # RPB entry of (query, halo key u) = entry of (query, halo start) + rpb_steps(u).
-    rpb_row = rpb_ptr + h * R
+    # RPB entry of (query, halo key u) = entry of (query, halo start) + rpb_steps(u). Without an RPB
+    # rpb_ptr is None, and window_logits never reads it.
+    rpb_row = rpb_ptr
+    if HAS_RPB:
+        rpb_row = rpb_ptr + h * R
     rpb_q = rpb_steps(hs0 - ip0 + K0 - 1, hs1 - ip1 + K1 - 1, hs2 - ip2 + K2 - 1, K1, K2)
 
     qk_scale = scale * LOG2E  # base-2 softmax

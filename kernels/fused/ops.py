@@ -123,7 +123,7 @@ def na_fused_fwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rp
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     lse = torch.empty(query.shape[:-1], dtype=torch.float32, device=query.device)
     has_rpb = rpb is not None
-    rpb_arg = rpb.contiguous() if has_rpb else lse  # never read without an RPB
+    rpb_arg = rpb.contiguous() if has_rpb else None  # HAS_RPB off: the kernel never touches it
     strides = p.geo.stride_args(q=query, k=key, v=value, o=out, l=lse)
     meta = p.meta(has_rpb, p.query_pitch, int64_offsets(query, key, value, out, lse), scale)
     for batch, (q_b, k_b, v_b, out_b, lse_b) in p.batch_slices(query, key, value, out, lse):
@@ -148,7 +148,7 @@ def na_fused_bwd(grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], query
     dk = torch.empty(query.shape, dtype=key.dtype, device=query.device)
     dv = torch.empty(query.shape, dtype=value.dtype, device=query.device)
     drpb_layout = _DrpbLayout(p)
-    rpb_arg = rpb.contiguous() if has_rpb else lse
+    rpb_arg = rpb.contiguous() if has_rpb else None
     has_dlse = grad_lse is not None
     dlse_arg = grad_lse.contiguous() if has_dlse else lse
     int64 = int64_offsets(query, key, value, out, grad_out, dq, dk, dv, lse, dlse_arg, stats)

@@ -39,9 +39,8 @@ def _window_sum_kernel(
 ):
     b, h, n_mask, i0, i1, i2 = row_tile(N, L1, L2, H, BLOCK_N)
     if INT64_OFFSETS:  # a batch element spans 2^31 elements or more (kernels/offsets.py)
-        sw0, sw1, sw2, swh, swd = tg.int64_strides(sw0, sw1, sw2, swh, swd)
-        sy0, sy1, sy2, syh, syd = tg.int64_strides(sy0, sy1, sy2, syh, syd)
-        so0, so1, so2, soh, sod = tg.int64_strides(so0, so1, so2, soh, sod)
+        (sw0, sw1, sw2, swh, swd, sy0, sy1, sy2, syh, syd, so0, so1, so2, soh, sod) = tg.int64_strides(
+            (sw0, sw1, sw2, swh, swd, sy0, sy1, sy2, syh, syd, so0, so1, so2, soh, sod))
     start0 = tg.window_start(i0, L0, K0, D0, C0)
     start1 = tg.window_start(i1, L1, K1, D1, C1)
     start2 = tg.window_start(i2, L2, K2, D2, C2)
@@ -94,9 +93,8 @@ def _inverse_sum_kernel(
 ):
     b, h, n_mask, j0, j1, j2 = row_tile(N, L1, L2, H, BLOCK_N)  # the keys of this tile
     if INT64_OFFSETS:  # a batch element spans 2^31 elements or more (kernels/offsets.py)
-        sw0, sw1, sw2, swh, swd = tg.int64_strides(sw0, sw1, sw2, swh, swd)
-        sx0, sx1, sx2, sxh, sxd = tg.int64_strides(sx0, sx1, sx2, sxh, sxd)
-        so0, so1, so2, soh, sod = tg.int64_strides(so0, so1, so2, soh, sod)
+        (sw0, sw1, sw2, swh, swd, sx0, sx1, sx2, sxh, sxd, so0, so1, so2, soh, sod) = tg.int64_strides(
+            (sw0, sw1, sw2, swh, swd, sx0, sx1, sx2, sxh, sxd, so0, so1, so2, soh, sod))
     first0 = tg.inverse_first(j0, L0, K0, D0, C0)
     first1 = tg.inverse_first(j1, L1, K1, D1, C1)
     first2 = tg.inverse_first(j2, L2, K2, D2, C2)

@@ -67,9 +67,8 @@ def _window_dot_kernel(
 ):
     b, h, n_mask, i0, i1, i2 = row_tile(N, L1, L2, H, BLOCK_N)
     if INT64_OFFSETS:  # a batch element spans 2^31 elements or more (kernels/offsets.py)
-        sx0, sx1, sx2, sxh, sxd = tg.int64_strides(sx0, sx1, sx2, sxh, sxd)
-        sy0, sy1, sy2, syh, syd = tg.int64_strides(sy0, sy1, sy2, syh, syd)
-        so0, so1, so2, soh, sod = tg.int64_strides(so0, so1, so2, soh, sod)
+        (sx0, sx1, sx2, sxh, sxd, sy0, sy1, sy2, syh, syd, so0, so1, so2, soh, sod) = tg.int64_strides(
+            (sx0, sx1, sx2, sxh, sxd, sy0, sy1, sy2, syh, syd, so0, so1, so2, soh, sod))
     start0 = tg.window_start(i0, L0, K0, D0, C0)
     start1 = tg.window_start(i1, L1, K1, D1, C1)
     start2 = tg.window_start(i2, L2, K2, D2, C2)
@@ -114,7 +113,7 @@ def window_dot(x: torch.Tensor, y: torch.Tensor, rpb: torch.Tensor | None, geo: 
     """Fill ``out`` ``[B, *spatial, H, K]`` with the window dot products (see module doc)."""
     if out.numel() == 0:
         return out
-    rpb_arg = rpb.contiguous() if rpb is not None else x  # any pointer when HAS_RPB is off
+    rpb_arg = rpb.contiguous() if rpb is not None else None  # HAS_RPB off: the kernel never touches it
     launch_rows(_window_dot_kernel,
                 lambda x, y, out: dict(x_ptr=x, y_ptr=y, rpb_ptr=rpb_arg, out_ptr=out,
                                        **geo.stride_args(x=x, y=y, o=out)),
