@@ -142,8 +142,7 @@ def _na_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq += mma(ds.to(k.dtype), k, IEEE)
         if FOLD:
-            ds_classes += fold_block(ds, start, T0 * T1 * T2, BLOCK_K, P2, SLOT1, SLOT2, FOLD_ROWS,
-                                     FLAT1 or BLOCK_K <= P2)
+            ds_classes += fold_block(ds, start, T0 * T1 * T2, BLOCK_K, P2, SLOT1, SLOT2, FOLD_ROWS)
         elif HAS_RPB:
             # Each (query, slot) lies in exactly one block of the walk.
             local = query_entry[:, None] + (slot_entry - start)[None, :]
@@ -225,16 +224,18 @@ def slot_bins(a, first, length_g, K: tl.constexpr, C: tl.constexpr, T: tl.conste
 
 @triton.jit
 def fold_block(ds, start, Q: tl.constexpr, BLOCK_K: tl.constexpr, P2: tl.constexpr, SLOT1: tl.constexpr,
-               SLOT2: tl.constexpr, ROWS: tl.constexpr, IN_ONE_ROW: tl.constexpr):
+               SLOT2: tl.constexpr, ROWS: tl.constexpr):
     """A ``[Q, BLOCK_K]`` block of ``dS`` (walk entries ``start ..``) summed per window class
     ``(u1 % SLOT1, u2 % SLOT2)``, as ``[Q, SLOT1 // ROWS, ROWS * SLOT2]``.
 
     Column ``u2 % SLOT2`` is the entry's position modulo ``SLOT2`` in its row (the pitch is a multiple of
     ``SLOT2``): a reshape and a sum over whole groups of ``SLOT2`` columns, in registers. Rows: a block
     of ``ROWS`` halo rows (or part of one) starts at a row that is a multiple of ``ROWS``, so its rows
-    fill one of the ``SLOT1 // ROWS`` groups of classes, chosen by a 0/1 weight per group.
+    fill one of the ``SLOT1 // ROWS`` groups of classes, chosen by a 0/1 weight per group. With
+    ``ROWS == 1`` every entry of the block has the same row class (the block lies in one row, or
+    ``SLOT1 == 1``), so the whole block is one run of columns (``P2`` is a multiple of ``SLOT2``).
     """
-    WIDTH: tl.constexpr = BLOCK_K if IN_ONE_ROW else P2
+    WIDTH: tl.constexpr = BLOCK_K if ROWS == 1 else P2
     by_column = tl.sum(tl.reshape(ds, [Q, BLOCK_K // (WIDTH * ROWS), ROWS, WIDTH // SLOT2, SLOT2]), 3)
     by_class = tl.reshape(tl.sum(by_column, 1), [Q, 1, ROWS * SLOT2])
     if SLOT1 // ROWS > 1:
